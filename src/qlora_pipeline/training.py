@@ -1,0 +1,191 @@
+"""The train stage: QLoRA with bitsandbytes 4-bit weights, a peft LoRA adapter and trl's SFTTrainer.
+
+Rows per optimizer step = train.batch_size x train.grad_accum. Batches are padded per batch (never to
+a fixed length); padding positions are masked out of attention and loss.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from qlora_pipeline.config import LoraParams, QuantizeParams, TrainParams
+from qlora_pipeline.quantization import (
+    load_model,
+    lora_config,
+    resolve_compute_dtype,
+    resolve_device,
+    resolve_target_modules,
+)
+
+STEP_LOG_FIELDS = ("step", "epoch", "loss", "learning_rate", "grad_norm", "tokens", "seconds")
+
+
+class TokenCountingCollator:
+    """trl's collator, counting the real (non-padding) and trained tokens that pass through it."""
+
+    def __init__(self, pad_token_id: int):
+        from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+        self.inner = DataCollatorForLanguageModeling(pad_token_id=pad_token_id)
+        self.real_tokens = 0
+        self.trained_tokens = 0
+
+    def __call__(self, examples):
+        batch = self.inner(examples)
+        self.real_tokens += int(batch["attention_mask"].sum())
+        self.trained_tokens += int((batch["labels"] != -100).sum())
+        return batch
+
+
+def _step_logger(collator: TokenCountingCollator, rows: list[dict]):
+    from transformers import TrainerCallback
+
+    class StepLogger(TrainerCallback):
+        """Keeps one row per logged step: loss, learning rate, gradient norm, tokens seen, wall time."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                rows.append({
+                    "step": state.global_step,
+                    "epoch": round(state.epoch or 0.0, 4),
+                    "loss": round(logs["loss"], 6),
+                    "learning_rate": logs.get("learning_rate"),
+                    "grad_norm": round(float(logs["grad_norm"]), 6) if logs.get("grad_norm") is not None else None,
+                    "tokens": collator.real_tokens,
+                    "seconds": round(time.perf_counter() - self.start, 3),
+                })
+
+    return StepLogger()
+
+
+def peak_memory_mb(device: str) -> float:
+    import torch
+
+    if device == "cuda":
+        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    # Peak resident set of this process (KiB on Linux).
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def train(
+    model_dir: Path,
+    tokenized_dir: Path,
+    adapter_dir: Path,
+    quantize: QuantizeParams,
+    lora: LoraParams,
+    params: TrainParams,
+    seed: int,
+) -> tuple[dict[str, Any], list[dict]]:
+    """Train a LoRA adapter on the 4-bit base; save it to `adapter_dir`; return metrics and the step log."""
+    import datasets
+    import torch
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoTokenizer, set_seed
+    from trl import SFTConfig, SFTTrainer
+
+    device = resolve_device(params.device)
+    compute_dtype = resolve_compute_dtype(quantize, device)
+    set_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    train_set = datasets.load_from_disk(str(tokenized_dir / "train")).select_columns(["input_ids", "labels"])
+
+    model = load_model(model_dir, quantize, device, compute_dtype)
+    if quantize.load_in_4bit:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=params.gradient_checkpointing)
+    elif params.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    targets = resolve_target_modules(model, lora)
+    model = get_peft_model(model, lora_config(lora, targets))
+    trainable, all_params = model.get_nb_trainable_parameters()
+
+    # The trainer wants a directory of its own; nothing is saved there (checkpoints are off).
+    work_dir = tempfile.mkdtemp(prefix="qlora-trainer-")
+    collator = TokenCountingCollator(tokenizer.pad_token_id)
+    step_rows: list[dict] = []
+    rows_per_step = params.batch_size * params.grad_accum
+    config = SFTConfig(
+        output_dir=work_dir,
+        num_train_epochs=params.epochs,
+        max_steps=params.max_steps,
+        per_device_train_batch_size=params.batch_size,
+        gradient_accumulation_steps=params.grad_accum,
+        learning_rate=params.learning_rate,
+        lr_scheduler_type=params.lr_scheduler,
+        warmup_steps=params.warmup_ratio,  # a float < 1 is a fraction of the total steps
+        optim=params.optim,
+        weight_decay=params.weight_decay,
+        max_grad_norm=params.max_grad_norm,
+        gradient_checkpointing=params.gradient_checkpointing,
+        bf16=compute_dtype == torch.bfloat16,
+        fp16=compute_dtype == torch.float16,
+        use_cpu=device == "cpu",
+        logging_steps=params.log_every_steps,
+        save_strategy="no",
+        report_to="none",
+        seed=seed,
+        data_seed=seed,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        remove_unused_columns=False,
+        disable_tqdm=False,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=train_set,
+        data_collator=collator,
+        processing_class=tokenizer,
+        callbacks=[_step_logger(collator, step_rows)],
+    )
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    result = trainer.train()
+    seconds = time.perf_counter() - start
+    shutil.rmtree(work_dir, ignore_errors=True)
+    model.save_pretrained(adapter_dir)
+    tokenizer.save_pretrained(adapter_dir)
+
+    steps = trainer.state.global_step
+    metrics = {
+        "train_loss": round(result.training_loss, 6),
+        "final_step_loss": step_rows[-1]["loss"] if step_rows else None,
+        "steps": steps,
+        "epochs": round(trainer.state.epoch or 0.0, 4),
+        "rows_per_step": rows_per_step,
+        "train_rows": len(train_set),
+        "real_tokens": collator.real_tokens,
+        "trained_tokens": collator.trained_tokens,
+        "tokens_per_step": round(collator.real_tokens / max(steps, 1), 1),
+        "runtime_s": round(seconds, 2),
+        "real_tokens_per_s": round(collator.real_tokens / seconds, 1),
+        "peak_memory_mb": peak_memory_mb(device),
+        "peak_memory_kind": "cuda max allocated" if device == "cuda" else "process max RSS",
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "compute_dtype": str(compute_dtype).removeprefix("torch."),
+        "lora_target_modules": targets,
+        "lora_trainable_params": trainable,
+        "lora_trainable_percent": round(100 * trainable / all_params, 4),
+    }
+    if not math.isfinite(result.training_loss):
+        print(f"warning: training loss is {result.training_loss}", file=sys.stderr)
+    return metrics, step_rows
+
+
+def step_log_csv(rows: list[dict]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=STEP_LOG_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()

@@ -1,0 +1,33 @@
+"""Stage evaluate: base vs. fine-tuned on the held-out rows (answer loss, perplexity, exact match, samples).
+
+    python stages/evaluate.py   # models/base + models/merged + data -> metrics/eval.json, reports/eval_samples.jsonl
+"""
+
+import argparse
+
+from qlora_pipeline.errors import run_stage
+
+
+def main(params_path: str = "params.yaml") -> None:
+    from qlora_pipeline import outputs, paths
+    from qlora_pipeline.config import load_params
+    from qlora_pipeline.evaluation import evaluate
+    from qlora_pipeline.quantization import resolve_device
+
+    params = load_params(params_path)
+    cfg = params.evaluate
+    metrics, samples = evaluate(
+        paths.BASE_MODEL, paths.MERGED, paths.TOKENIZED / "eval", outputs.read_jsonl(paths.FORMATTED / "eval.jsonl"),
+        cfg.batch_size, cfg.max_new_tokens, cfg.generate_rows, resolve_device("auto"),
+    )
+    outputs.write_jsonl(paths.REPORTS / "eval_samples.jsonl", samples)
+    outputs.write_json(paths.METRICS / "eval.json", metrics)
+    base, tuned = metrics["base"], metrics["tuned"]
+    print(f"evaluate: answer loss {base['loss']} -> {tuned['loss']}"
+          + (f", exact match {base['exact_match']} -> {tuned['exact_match']}" if "exact_match" in base else ""))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    run_stage(lambda: main(parser.parse_args().params))

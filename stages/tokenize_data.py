@@ -1,0 +1,36 @@
+"""Stage tokenize: prompt + answer + EOS as token ids, labels masking the prompt; no padding stored.
+
+    python stages/tokenize_data.py   # data/formatted + models/base tokenizer -> data/tokenized/{train,eval}, metrics/tokenize.json
+"""
+
+import argparse
+
+from qlora_pipeline.errors import run_stage
+
+
+def main(params_path: str = "params.yaml") -> None:
+    import datasets
+    from transformers import AutoTokenizer
+
+    from qlora_pipeline import outputs, paths
+    from qlora_pipeline.config import load_params
+    from qlora_pipeline.tokenization import tokenize_split
+
+    params = load_params(params_path)
+    tokenizer = AutoTokenizer.from_pretrained(paths.BASE_MODEL)
+    stats = {}
+    with outputs.atomic_dir(paths.TOKENIZED) as out:
+        for split in ("train", "eval"):
+            rows = outputs.read_jsonl(paths.FORMATTED / f"{split}.jsonl")
+            items, stats[split] = tokenize_split(tokenizer, rows, params.tokenize.max_length, params.tokenize.train_on)
+            columns = {key: [item.get(key, "") for item in items] for key in ("input_ids", "labels", "prompt_length", "task")}
+            datasets.Dataset.from_dict(columns).save_to_disk(str(out / split))
+    outputs.write_json(paths.METRICS / "tokenize.json", stats)
+    print(f"tokenize: {stats['train']['rows']} train rows, mean {stats['train']['length_mean']} tokens, "
+          f"{stats['train']['rows_truncated']} truncated at {params.tokenize.max_length}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    run_stage(lambda: main(parser.parse_args().params))
