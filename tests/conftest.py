@@ -1,0 +1,77 @@
+"""Shared fixtures: the tiny profile, a throw-away copy of the project, tiny models on disk."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The tiny profile: params.yaml with a 2-layer random GPT-2, a few rows and two optimizer steps.
+TINY_OVERLAY = {
+    "model": {"source": "random", "name": "tiny-gpt2"},
+    "subset": {"train_size": 16, "eval_size": 8},
+    "tokenize": {"max_length": 192},
+    "train": {"max_steps": 2, "batch_size": 4, "grad_accum": 2, "optim": "adamw_torch"},
+    "merge": {"compare_prompts": 2},
+    "evaluate": {"batch_size": 4, "max_new_tokens": 8, "generate_rows": 4},
+}
+
+
+def deep_update(base: dict, overlay: dict) -> dict:
+    out = dict(base)
+    for key, value in overlay.items():
+        out[key] = deep_update(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def default_params() -> dict:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def tiny_params(**overrides) -> dict:
+    return deep_update(deep_update(default_params(), TINY_OVERLAY), overrides)
+
+
+def make_project(dest: Path, params: dict) -> Path:
+    """A copy of the project (code, dvc.yaml, the given params) in `dest`, as its own git + DVC repo."""
+    for name in ("dvc.yaml", "stages", "src"):
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        else:
+            shutil.copy(src, dest / name)
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return dest
+
+
+def run_stage(project: Path, script: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    result = subprocess.run(
+        [sys.executable, str(project / "stages" / script), *args], cwd=project, env=env, capture_output=True, text=True
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    return result
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    return make_project(tmp_path / "project", tiny_params())
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A saved random tiny-gpt2 with its byte-level tokenizer."""
+    from qlora_pipeline.config import ModelParams
+    from qlora_pipeline.sources import fetch_model
+
+    out = tmp_path_factory.mktemp("tiny-gpt2")
+    fetch_model(ModelParams("random", "tiny-gpt2", "main", False), 0, out)
+    return out
