@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_OVERLAY = {
     "model": {"source": "random", "name": "tiny-gpt2"},
     "subset": {"train_size": 16, "eval_size": 8},
-    "tokenize": {"max_length": 192},
+    "tokenize": {"max_length": 384},
     "train": {"max_steps": 2, "batch_size": 4, "grad_accum": 2, "optim": "adamw_torch"},
     "merge": {"compare_prompts": 2},
     "evaluate": {"batch_size": 4, "max_new_tokens": 8, "generate_rows": 4},
@@ -40,7 +40,8 @@ def tiny_params(**overrides) -> dict:
 
 
 def make_project(dest: Path, params: dict) -> Path:
-    """A copy of the project (code, dvc.yaml, the given params) in `dest`, as its own git + DVC repo."""
+    """A copy of the project (code, dvc.yaml, the given params) in `dest`."""
+    dest.mkdir(parents=True, exist_ok=True)
     for name in ("dvc.yaml", "stages", "src"):
         src = ROOT / name
         if src.is_dir():

@@ -32,11 +32,11 @@ RANDOM_CONFIGS: dict[str, dict[str, Any]] = {
         layer_norm_epsilon=1e-5, initializer_range=0.02, bos_token_id=50256, eos_token_id=50256,
     ),
     "tiny-gpt2": dict(
-        model_type="gpt2", vocab_size=300, n_positions=512, n_embd=32, n_layer=2, n_head=2,
+        model_type="gpt2", vocab_size=300, n_positions=512, n_embd=64, n_layer=2, n_head=2,
         activation_function="gelu_new", bos_token_id=256, eos_token_id=256,
     ),
     "tiny-llama": dict(
-        model_type="llama", vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        model_type="llama", vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
         bos_token_id=256, eos_token_id=256, tie_word_embeddings=False,
     ),

@@ -10,6 +10,8 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
+from qlora_pipeline.errors import PipelineError
+
 IGNORE_INDEX = -100  # label value that the loss skips
 
 
@@ -41,7 +43,11 @@ def tokenize_split(tokenizer, rows: list[dict], max_length: int, train_on: str) 
         if "task" in row:
             item["task"] = row["task"]
         kept.append(item)
-    lengths = [len(r["input_ids"]) for r in kept] or [0]
+    if not kept:
+        raise PipelineError(
+            f"params key 'tokenize.max_length': all {dropped} prompts are {max_length} tokens or longer; nothing left to train on"
+        )
+    lengths = [len(r["input_ids"]) for r in kept]
     stats = {
         "rows": len(kept),
         "rows_truncated": sum(r["full_length"] > max_length for r in kept),

@@ -1,0 +1,189 @@
+"""Each stage script, in pipeline order, on the tiny profile (random 2-layer GPT-2, 16 rows, 2 steps)."""
+
+import json
+import math
+import shutil
+
+import pytest
+import yaml
+
+from conftest import make_project, run_stage, tiny_params
+
+
+@pytest.fixture(scope="module")
+def ran(tmp_path_factory):
+    """The tiny project after every stage ran once, in order."""
+    project = make_project(tmp_path_factory.mktemp("stages"), tiny_params())
+    for script, *args in (
+        ("download.py", "model"), ("download.py", "data"), ("subset.py",), ("format.py",), ("tokenize_data.py",),
+        ("quantize_inspect.py",), ("train.py",), ("merge.py",), ("evaluate.py",),
+    ):
+        run_stage(project, script, *args)
+    return project
+
+
+def read_json(path):
+    return json.loads(path.read_text())
+
+
+def test_download(ran):
+    base = ran / "models/base"
+    assert (base / "model.safetensors").is_file() and not list(base.glob("*.bin"))
+    record = read_json(base / "source.json")
+    assert record["source"] == "random" and record["name"] == "tiny-gpt2" and record["seed"] == 42
+    assert read_json(ran / "data/raw/source.json")["rows"] == 4000
+    assert not list(ran.glob("**/.*.tmp-*")), "temporary directories left behind"
+
+
+def test_subset_and_format(ran):
+    train = (ran / "data/subset/train.jsonl").read_text().splitlines()
+    held_out = (ran / "data/subset/eval.jsonl").read_text().splitlines()
+    assert (len(train), len(held_out)) == (16, 8) and not set(train) & set(held_out)
+    first = json.loads((ran / "data/formatted/train.jsonl").read_text().splitlines()[0])
+    assert first["prompt"].endswith("### Response:\n") and first["completion"] and first["task"]
+
+
+def test_tokenize(ran):
+    import datasets
+
+    stats = read_json(ran / "metrics/tokenize.json")
+    assert stats["train"]["rows"] == 16 and stats["eval"]["rows"] == 8
+    train = datasets.load_from_disk(str(ran / "data/tokenized/train"))
+    for ids, labels in zip(train["input_ids"], train["labels"]):
+        assert ids[-1] == 256 and labels[-1] == 256  # byte tokenizer's EOS, trained on
+        assert len(ids) == len(labels) <= 384
+
+
+def test_quantize_inspect(ran):
+    figures = read_json(ran / "metrics/quantize.json")
+    # tiny-gpt2: 2 blocks x (64*192 + 64*64 + 2*64*256) weights in 4 bit (bitsandbytes on the CPU needs in_features >= 64)
+    assert figures["params_4bit"] == 2 * (64 * 192 + 64 * 64 + 2 * 64 * 256)
+    assert figures["lora_target_modules"] == ["c_attn", "c_fc", "c_proj"]
+    assert "Linear4bit" in (ran / "reports/quantize.md").read_text()
+
+
+def test_train(ran):
+    metrics = read_json(ran / "metrics/train.json")
+    assert metrics["steps"] == 2 and metrics["rows_per_step"] == 8
+    assert math.isfinite(metrics["train_loss"]) and metrics["real_tokens"] > 0
+    log = (ran / "metrics/train_log.csv").read_text().splitlines()
+    assert log[0] == "step,epoch,loss,learning_rate,grad_norm,tokens,seconds" and len(log) == 3
+    adapter = ran / "models/adapter"
+    assert (adapter / "adapter_model.safetensors").is_file()
+    config = read_json(adapter / "adapter_config.json")
+    assert config["r"] == 8 and sorted(config["target_modules"]) == ["c_attn", "c_fc", "c_proj"]
+    assert read_json(adapter / "training_params.json")["train"]["max_steps"] == 2
+
+
+def test_train_is_reproducible(ran, tmp_path):
+    """Same params and seed: the same losses and the same adapter, bit for bit, on the CPU."""
+    from safetensors.torch import load_file
+
+    again = make_project(tmp_path, tiny_params())
+    for name in ("models/base", "data/tokenized"):
+        shutil.copytree(ran / name, again / name)
+    run_stage(again, "train.py")
+    assert read_json(again / "metrics/train.json")["train_loss"] == read_json(ran / "metrics/train.json")["train_loss"]
+    first = load_file(ran / "models/adapter/adapter_model.safetensors")
+    second = load_file(again / "models/adapter/adapter_model.safetensors")
+    assert first.keys() == second.keys() and all((first[k] == second[k]).all() for k in first)
+
+
+def test_merge(ran):
+    metrics = read_json(ran / "metrics/merge.json")
+    # float16 keeps 11 significant bits: relative error <= 2^-11 per weight, far below 1e-2 on logits here.
+    assert metrics["max_abs_logit_diff_vs_unmerged"] < 1e-2
+    merged = ran / "models/merged"
+    assert (merged / "model.safetensors").is_file() and (merged / "tokenizer.json").is_file()
+    assert read_json(merged / "config.json")["dtype"] == "float16"
+    assert "tiny-gpt2" in (merged / "README.md").read_text()
+
+
+def test_evaluate(ran):
+    metrics = read_json(ran / "metrics/eval.json")
+    for label in ("base", "tuned"):
+        assert math.isfinite(metrics[label]["loss"]) and metrics[label]["answer_tokens"] > 0
+        assert metrics[label]["perplexity"] == pytest.approx(math.exp(metrics[label]["loss"]), rel=1e-3)
+        assert 0 <= metrics[label]["exact_match"] <= 1
+    samples = [json.loads(line) for line in (ran / "reports/eval_samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 4 and {"prompt", "reference", "base", "tuned", "task"} <= set(samples[0])
+
+
+@pytest.mark.parametrize(
+    "overrides, script, message",
+    [
+        ({"lora": {"r": 0}}, "train.py", "error: params key 'lora.r': must be > 0"),
+        ({"train": {"learning_rate": 0}}, "train.py", "error: params key 'train.learning_rate': must be > 0"),
+        ({"subset": {"train_size": 5000}}, "subset.py", "error: params key 'subset.train_size'"),
+        ({"model": {"source": "local", "name": "/nonexistent"}}, "download.py", "error: params key 'model.name': local model directory"),
+        ({"model": {"name": "gpt-17"}}, "download.py", "error: params key 'model.name': unknown random architecture 'gpt-17'"),
+    ],
+)
+def test_bad_params_leave_outputs_untouched(ran, tmp_path, overrides, script, message):
+    project = make_project(tmp_path, tiny_params(**overrides))
+    for name in ("models/base", "data/raw", "models/adapter"):
+        shutil.copytree(ran / name, project / name)
+    before = {p: p.read_bytes() for p in project.glob("models/**/*") if p.is_file()}
+    result = run_stage(project, script, *(["model"] if script == "download.py" else []), check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(message)
+    assert {p: p.read_bytes() for p in project.glob("models/**/*") if p.is_file()} == before
+    assert not list(project.glob("**/.*.tmp-*"))
+
+
+def test_bad_data_file_stops_download(tmp_path):
+    bad = tmp_path / "rows.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "input": "d"}\n')
+    project = make_project(tmp_path / "p", tiny_params(data={"source": "local", "name": str(bad)}))
+    result = run_stage(project, "download.py", "data", check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: {bad} row 2: missing column 'output' (params key 'data.columns.output')"
+    assert not (project / "data").exists() or not any((project / "data").iterdir())
+
+
+def test_model_dir_with_only_pickle_weights_is_refused(tmp_path, tiny_model_dir):
+    import torch
+    from safetensors.torch import load_file
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_model_dir, pickled)
+    torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    project = make_project(tmp_path / "p", tiny_params(model={"source": "local", "name": str(pickled)}))
+    result = run_stage(project, "download.py", "model", check=False)
+    assert result.returncode == 2
+    assert "no safetensors weights (only pickle weights: pytorch_model.bin" in result.stderr
+
+
+def test_hub_sources_resolve_from_the_local_cache(tmp_path, tiny_model_dir):
+    """With HF_HUB_OFFLINE=1 a hub id resolves from the Hugging Face cache, and the commit is recorded."""
+    commit_model, commit_data = "a" * 40, "b" * 40
+    hub = tmp_path / "hf" / "hub"
+    model_snapshot = hub / "models--acme--tiny" / "snapshots" / commit_model
+    shutil.copytree(tiny_model_dir, model_snapshot)
+    (hub / "models--acme--tiny" / "refs").mkdir()
+    (hub / "models--acme--tiny" / "refs" / "main").write_text(commit_model)
+    data_snapshot = hub / "datasets--acme--rows" / "snapshots" / commit_data
+    data_snapshot.mkdir(parents=True)
+    rows = [{"instruction": f"Echo {i}.", "input": "", "output": str(i)} for i in range(30)]
+    (data_snapshot / "rows.json").write_text(json.dumps(rows))
+    (hub / "datasets--acme--rows" / "refs").mkdir()
+    (hub / "datasets--acme--rows" / "refs" / "main").write_text(commit_data)
+
+    params = tiny_params(model={"source": "hub", "name": "acme/tiny"}, data={"source": "hub", "name": "acme/rows"})
+    project = make_project(tmp_path / "p", params)
+    import os
+
+    os.environ["HF_HOME"], saved = str(tmp_path / "hf"), os.environ.get("HF_HOME")
+    try:
+        run_stage(project, "download.py", "model")
+        run_stage(project, "download.py", "data")
+        missing = make_project(tmp_path / "q", tiny_params(model={"source": "hub", "name": "acme/absent"}))
+        result = run_stage(missing, "download.py", "model", check=False)
+    finally:
+        os.environ.pop("HF_HOME") if saved is None else os.environ.__setitem__("HF_HOME", saved)
+    model_record = read_json(project / "models/base/source.json")
+    assert model_record["resolved_commit"] == commit_model and model_record["revision"] == "main"
+    data_record = read_json(project / "data/raw/source.json")
+    assert data_record["resolved_commit"] == commit_data and data_record["rows"] == 30
+    assert result.returncode == 2 and "error: params key 'model.name': cannot get model 'acme/absent'" in result.stderr
