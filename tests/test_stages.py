@@ -187,3 +187,28 @@ def test_hub_sources_resolve_from_the_local_cache(tmp_path, tiny_model_dir):
     data_record = read_json(project / "data/raw/source.json")
     assert data_record["resolved_commit"] == commit_data and data_record["rows"] == 30
     assert result.returncode == 2 and "error: params key 'model.name': cannot get model 'acme/absent'" in result.stderr
+
+
+def test_micro_batches_change_execution_not_what_is_optimized(ran, tmp_path):
+    """One pass of 8 rows or two of 4: the same loss and the same gradient at every step (the loss is
+    normalized over the tokens of the whole optimizer step). Adam's first updates are ~lr * sign(grad),
+    which turns rounding noise in near-zero gradients into full-size differences, so the adapters
+    themselves are compared through the gradient norm, not element by element."""
+    import csv
+
+    logs = []
+    for micro in ("auto", 4):
+        project = make_project(tmp_path / str(micro), tiny_params(lora={"dropout": 0.0}, train={"micro_batch_size": micro}))
+        for name in ("models/base", "data/tokenized"):
+            shutil.copytree(ran / name, project / name)
+        run_stage(project, "train.py")
+        assert read_json(project / "metrics/train.json")["micro_batch_size"] == (8 if micro == "auto" else 4)
+        logs.append(list(csv.DictReader((project / "metrics/train_log.csv").open())))
+    assert len(logs[0]) == len(logs[1]) == 2
+    for one_pass, two_passes in zip(*logs):
+        assert float(one_pass["loss"]) == pytest.approx(float(two_passes["loss"]), rel=1e-5)
+        assert float(one_pass["grad_norm"]) == pytest.approx(float(two_passes["grad_norm"]), rel=1e-4)
+    bad = make_project(tmp_path / "bad", tiny_params(train={"micro_batch_size": 3}))
+    result = run_stage(bad, "train.py", check=False)
+    assert result.returncode == 2
+    assert "params key 'train.micro_batch_size': 3 does not divide the 8 rows of an optimizer step" in result.stderr

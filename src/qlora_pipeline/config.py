@@ -74,6 +74,7 @@ class TrainParams:
     max_steps: int
     batch_size: int
     grad_accum: int
+    micro_batch_size: int | Literal["auto"]
     learning_rate: float
     lr_scheduler: str
     warmup_ratio: float
@@ -81,6 +82,7 @@ class TrainParams:
     weight_decay: float
     max_grad_norm: float
     gradient_checkpointing: bool
+    sdpa_cudnn: bool
     device: Literal["auto", "cpu", "cuda"]
     log_every_steps: int
 
@@ -129,6 +131,7 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "train.max_steps": (lambda v: v == -1 or v > 0, "-1 (use epochs) or > 0"),
     "train.batch_size": (lambda v: v > 0, "> 0"),
     "train.grad_accum": (lambda v: v > 0, "> 0"),
+    "train.micro_batch_size": (lambda v: v == "auto" or v > 0, "'auto' or > 0"),
     "train.learning_rate": (lambda v: v > 0, "> 0"),
     "train.warmup_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "train.weight_decay": (lambda v: v >= 0, ">= 0"),

@@ -31,9 +31,11 @@ RANDOM_CONFIGS: dict[str, dict[str, Any]] = {
         activation_function="gelu_new", resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1,
         layer_norm_epsilon=1e-5, initializer_range=0.02, bos_token_id=50256, eos_token_id=50256,
     ),
+    # No dropout in the tiny models, so that runs differing only in execution compare exactly.
     "tiny-gpt2": dict(
         model_type="gpt2", vocab_size=300, n_positions=512, n_embd=64, n_layer=2, n_head=2,
-        activation_function="gelu_new", bos_token_id=256, eos_token_id=256,
+        activation_function="gelu_new", bos_token_id=256, eos_token_id=256, resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0,
     ),
     "tiny-llama": dict(
         model_type="llama", vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

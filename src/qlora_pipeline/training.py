@@ -1,7 +1,10 @@
 """The train stage: QLoRA with bitsandbytes 4-bit weights, a peft LoRA adapter and trl's SFTTrainer.
 
-Rows per optimizer step = train.batch_size x train.grad_accum. Batches are padded per batch (never to
-a fixed length); padding positions are masked out of attention and loss.
+Rows per optimizer step = train.batch_size x train.grad_accum: that is what is optimized. How those rows
+are executed is separate: `train.micro_batch_size` rows a forward pass (auto: all of them in one pass),
+batches padded per batch (never to a fixed length), padding masked out of attention and loss. The loss
+is normalized by the trained tokens of the whole optimizer step, so splitting a step into micro-batches
+changes the arithmetic order only, not what is optimized.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from qlora_pipeline.config import LoraParams, QuantizeParams, TrainParams
+from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.quantization import (
     load_model,
     lora_config,
@@ -38,10 +42,12 @@ class TokenCountingCollator:
         self.inner = DataCollatorForLanguageModeling(pad_token_id=pad_token_id)
         self.real_tokens = 0
         self.trained_tokens = 0
+        self.padded_tokens = 0
 
     def __call__(self, examples):
         batch = self.inner(examples)
         self.real_tokens += int(batch["attention_mask"].sum())
+        self.padded_tokens += batch["input_ids"].numel()
         self.trained_tokens += int((batch["labels"] != -100).sum())
         return batch
 
@@ -97,6 +103,16 @@ def train(
 
     device = resolve_device(params.device)
     compute_dtype = resolve_compute_dtype(quantize, device)
+    rows_per_step = params.batch_size * params.grad_accum
+    micro_batch = rows_per_step if params.micro_batch_size == "auto" else params.micro_batch_size
+    if rows_per_step % micro_batch:
+        raise PipelineError(
+            f"params key 'train.micro_batch_size': {micro_batch} does not divide the {rows_per_step} rows of an optimizer step"
+        )
+    if device == "cuda":
+        # cuDNN's attention rebuilds its plan for every new sequence length: with per-batch padding
+        # that costs more than the attention itself (DESIGN.md, measured on H200).
+        torch.backends.cuda.enable_cudnn_sdp(params.sdpa_cudnn)
     set_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     train_set = datasets.load_from_disk(str(tokenized_dir / "train")).select_columns(["input_ids", "labels"])
@@ -114,13 +130,12 @@ def train(
     work_dir = tempfile.mkdtemp(prefix="qlora-trainer-")
     collator = TokenCountingCollator(tokenizer.pad_token_id)
     step_rows: list[dict] = []
-    rows_per_step = params.batch_size * params.grad_accum
     config = SFTConfig(
         output_dir=work_dir,
         num_train_epochs=params.epochs,
         max_steps=params.max_steps,
-        per_device_train_batch_size=params.batch_size,
-        gradient_accumulation_steps=params.grad_accum,
+        per_device_train_batch_size=micro_batch,
+        gradient_accumulation_steps=rows_per_step // micro_batch,
         learning_rate=params.learning_rate,
         lr_scheduler_type=params.lr_scheduler,
         warmup_steps=params.warmup_ratio,  # a float < 1 is a fraction of the total steps
@@ -148,6 +163,12 @@ def train(
         processing_class=tokenizer,
         callbacks=[_step_logger(collator, step_rows)],
     )
+    # trl casts the LoRA weights of a quantized model to bfloat16, whatever the device and compute dtype.
+    # Keep them float32 (peft's default): the optimizer then updates full-precision master weights, and
+    # on a GPU autocast still runs the matmuls in the compute dtype. On the CPU, bfloat16 matmuls are slow.
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -164,9 +185,11 @@ def train(
         "steps": steps,
         "epochs": round(trainer.state.epoch or 0.0, 4),
         "rows_per_step": rows_per_step,
+        "micro_batch_size": micro_batch,
         "train_rows": len(train_set),
         "real_tokens": collator.real_tokens,
         "trained_tokens": collator.trained_tokens,
+        "padded_tokens": collator.padded_tokens,
         "tokens_per_step": round(collator.real_tokens / max(steps, 1), 1),
         "runtime_s": round(seconds, 2),
         "real_tokens_per_s": round(collator.real_tokens / seconds, 1),

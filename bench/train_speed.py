@@ -1,0 +1,198 @@
+"""Training speed: the tutorial's training code vs. the pipeline's train stage, side by side on one GPU.
+
+Both train the reference experiment on the same rows from the same random distilgpt2-shaped start
+(same shapes and FLOPs as the real model): 4-bit NF4 + double quant, LoRA r=8 / alpha 16 / dropout
+0.05 on c_attn, c_proj, c_fc, 10 rows an optimizer step, lr 2e-4, 3 epochs, weight decay 0.01, max
+grad norm 0.3, warmup 3 %. Then both adapters are scored by the same code on the answer tokens of the
+same 100 held-out rows.
+
+    python bench/train_speed.py --data ../shared/data/alpaca_sample_1k.json --tokenizer models/base
+
+Prints a table and writes bench/results/train_speed-<date>-<gpu>.json (GPU, versions, date, every figure).
+`--variants` picks pipeline execution variants by name (see VARIANTS); `--epochs` shortens a trial.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Execution variants of the pipeline's train stage (train.* params over the tutorial profile).
+# None changes what is optimized: rows per step, hyperparameters and data order stay the same.
+VARIANTS = {
+    "pipeline-as-tutorial": {"micro_batch_size": 2, "gradient_checkpointing": True, "sdpa_cudnn": True},
+    "pipeline-default": {},
+}
+
+
+def tutorial_tokenize(tokenizer, rows, max_length=1024):
+    """The tutorial's preprocessing: prompt + answer, padded with EOS to 1,024 tokens, loss on every token."""
+    texts = [row["prompt"] + row["completion"] for row in rows]
+    enc = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length)
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": enc["input_ids"]}
+
+
+def train_reference(model_dir: Path, rows, adapter_dir: Path, params, seed: int) -> dict:
+    """A faithful re-implementation of the tutorial's training code."""
+    import datasets
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, default_data_collator, set_seed
+    from trl import SFTConfig, SFTTrainer
+
+    set_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.pad_token = tokenizer.eos_token
+    train_set = datasets.Dataset.from_dict(tutorial_tokenize(tokenizer, rows))
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=bnb, device_map={"": "cuda"})
+    model = prepare_model_for_kbit_training(model)  # gradient checkpointing on, as in the tutorial
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, bias="none", task_type="CAUSAL_LM",
+                                             target_modules=["c_attn", "c_proj", "c_fc"]))
+    config = SFTConfig(
+        output_dir=str(adapter_dir.parent / "reference-trainer"), per_device_train_batch_size=2, gradient_accumulation_steps=5,
+        num_train_epochs=params.train.epochs, learning_rate=2e-4, optim="adamw_8bit", weight_decay=0.01, max_grad_norm=0.3,
+        warmup_steps=0.03, bf16=True, gradient_checkpointing=True, logging_steps=10, save_strategy="no", report_to="none",
+        seed=seed, data_seed=seed, dataset_kwargs={"skip_prepare_dataset": True}, remove_unused_columns=False,
+        disable_tqdm=True,
+    )
+    trainer = SFTTrainer(model=model, args=config, train_dataset=train_set, data_collator=default_data_collator,
+                         processing_class=tokenizer)
+    torch.cuda.reset_peak_memory_stats()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    result = trainer.train()
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    model.save_pretrained(adapter_dir)
+    real_tokens = sum(sum(mask) for mask in train_set["attention_mask"]) * params.train.epochs
+    return {
+        "train_loss": round(result.training_loss, 4), "steps": trainer.state.global_step, "runtime_s": round(seconds, 2),
+        "real_tokens_per_s": round(real_tokens / seconds, 1), "padded_tokens_per_step": 10 * 1024,
+        "peak_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1),
+    }
+
+
+def score(model_dir: Path, adapter_dir: Path, tokenized_eval, quantize) -> dict:
+    """Answer loss of base (4-bit) + adapter on the held-out rows, with and without the final EOS."""
+    import torch
+    from peft import PeftModel
+
+    from qlora_pipeline.evaluation import answer_loss
+    from qlora_pipeline.quantization import load_model
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = PeftModel.from_pretrained(load_model(model_dir, quantize, "cuda", torch.bfloat16), adapter_dir).eval()
+    with_eos = answer_loss(model, tokenized_eval, tokenizer.pad_token_id, 16, "cuda")
+    no_eos = tokenized_eval.map(lambda r: {"labels": r["labels"][:-1] + [-100]})
+    without_eos = answer_loss(model, no_eos, tokenizer.pad_token_id, 16, "cuda")
+    return {"eval_answer_loss": with_eos["loss"], "eval_answer_loss_no_eos": without_eos["loss"]}
+
+
+def main(args: argparse.Namespace) -> None:
+    import datasets
+    import torch
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from qlora_pipeline.config import deep_update, parse_params
+    from qlora_pipeline.prompts import format_rows
+    from qlora_pipeline.sources import RANDOM_CONFIGS, normalize_rows
+    from qlora_pipeline.splits import make_subset
+    from qlora_pipeline.tokenization import tokenize_split
+    from qlora_pipeline.training import train
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    base_params = yaml.safe_load((ROOT / "profiles" / "tutorial.yaml").read_text())
+    base_params = deep_update(base_params, {"model": {"source": "random", "name": "distilgpt2"},
+                                            "train": {"epochs": args.epochs, "device": "cuda"}})
+    params = parse_params(base_params)
+
+    # The same random start for every run: distilgpt2's exact config, seed 42, saved once.
+    model_dir = work / "distilgpt2-random"
+    spec = dict(RANDOM_CONFIGS["distilgpt2"])
+    torch.manual_seed(params.seed)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(spec.pop("model_type"), **spec)).save_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    tokenizer.save_pretrained(model_dir)
+
+    rows = normalize_rows(json.loads(Path(args.data).read_text()), params.data.columns, args.data)
+    train_rows, eval_rows = make_subset(rows, len(rows) - 100, 100, params.seed)
+    train_fmt, eval_fmt = format_rows(train_rows, params.format.template), format_rows(eval_rows, params.format.template)
+    tokenized = work / "tokenized"
+    stats = {}
+    for split, split_rows in (("train", train_fmt), ("eval", eval_fmt)):
+        items, stats[split] = tokenize_split(tokenizer, split_rows, params.tokenize.max_length, params.tokenize.train_on)
+        datasets.Dataset.from_dict({k: [i[k] for i in items] for k in ("input_ids", "labels")}).save_to_disk(str(tokenized / split))
+    tokenized_eval = datasets.load_from_disk(str(tokenized / "eval"))
+
+    results = []
+    if "reference" in args.variants:
+        figures = train_reference(model_dir, train_fmt, work / "adapter-reference", params, params.seed)
+        results.append({"variant": "reference (tutorial code)", **figures,
+                        **score(model_dir, work / "adapter-reference", tokenized_eval, params.quantize)})
+        print(results[-1], flush=True)
+    for name in [v for v in args.variants if v != "reference"]:
+        for seed in args.seeds:
+            variant_params = parse_params(deep_update(base_params, {"seed": seed, "train": VARIANTS[name]}))
+            adapter = work / f"adapter-{name}-{seed}"
+            metrics, _ = train(model_dir, tokenized, adapter, variant_params.quantize, variant_params.lora,
+                               variant_params.train, seed)
+            results.append({
+                "variant": name if len(args.seeds) == 1 else f"{name} (seed {seed})",
+                **{k: metrics[k] for k in ("train_loss", "steps", "runtime_s", "real_tokens_per_s", "peak_memory_mb")},
+                "padded_tokens_per_step": round(metrics["padded_tokens"] / max(metrics["steps"], 1), 1),
+                **score(model_dir, adapter, tokenized_eval, params.quantize),
+            })
+            print(results[-1], flush=True)
+
+    reference = next((r for r in results if r["variant"].startswith("reference")), None)
+    header = f"{'variant':34} {'steps':>5} {'train s':>8} {'speed-up':>8} {'tokens/s':>9} {'peak MiB':>9} {'eval loss':>9} {'w/o EOS':>8}"
+    print(header)
+    for r in results:
+        speedup = f"{reference['runtime_s'] / r['runtime_s']:.1f}x" if reference else "-"
+        print(f"{r['variant']:34} {r['steps']:>5} {r['runtime_s']:>8.2f} {speedup:>8} {r['real_tokens_per_s']:>9.0f} "
+              f"{r['peak_memory_mb']:>9.0f} {r['eval_answer_loss']:>9.4f} {r['eval_answer_loss_no_eos']:>8.4f}")
+    gpu = torch.cuda.get_device_name()
+    record = {
+        "benchmark": "train_speed", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "gpu": gpu, "host": platform.node(), "python": platform.python_version(),
+        "versions": {m.__name__: m.__version__ for m in (torch, transformers, datasets)} | _other_versions(),
+        "data": {"file": Path(args.data).name, "train_rows": len(train_rows), "eval_rows": len(eval_rows), "tokens": stats},
+        "epochs": args.epochs, "results": results,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"train_speed-{datetime.date.today().isoformat()}-{gpu.replace(' ', '_')}.json"
+    (out / name).write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {out / name}")
+
+
+def _other_versions() -> dict:
+    import importlib.metadata as md
+
+    return {name: md.version(name) for name in ("bitsandbytes", "peft", "trl", "accelerate")}
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, help="Alpaca-format JSON file (e.g. ../shared/data/alpaca_sample_1k.json)")
+    parser.add_argument("--tokenizer", required=True, help="directory with the tokenizer to use (e.g. models/base)")
+    parser.add_argument("--variants", nargs="+", default=["reference", *VARIANTS])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[42])
+    parser.add_argument("--epochs", type=float, default=3)
+    parser.add_argument("--work", default="/tmp/qlora-bench")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    main(parser.parse_args())
