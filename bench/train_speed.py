@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {
     "pipeline-as-tutorial": {"micro_batch_size": 2, "gradient_checkpointing": True, "sdpa_cudnn": True},
     "pipeline-default": {},
+    "pipeline-fused-adamw": {"optim": "adamw_torch_fused"},
 }
 
 
@@ -40,7 +41,7 @@ def tutorial_tokenize(tokenizer, rows, max_length=1024):
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": enc["input_ids"]}
 
 
-def train_reference(model_dir: Path, rows, adapter_dir: Path, params, seed: int) -> dict:
+def train_reference(model_dir: Path, rows, adapter_dir: Path, params, seed: int, device: str) -> dict:
     """A faithful re-implementation of the tutorial's training code."""
     import datasets
     import torch
@@ -48,41 +49,46 @@ def train_reference(model_dir: Path, rows, adapter_dir: Path, params, seed: int)
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, default_data_collator, set_seed
     from trl import SFTConfig, SFTTrainer
 
+    from qlora_pipeline.training import peak_memory_mb
+
     set_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.pad_token = tokenizer.eos_token
     train_set = datasets.Dataset.from_dict(tutorial_tokenize(tokenizer, rows))
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=bnb, device_map={"": "cuda"})
+                             bnb_4bit_compute_dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=bnb, device_map={"": device})
     model = prepare_model_for_kbit_training(model)  # gradient checkpointing on, as in the tutorial
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, bias="none", task_type="CAUSAL_LM",
                                              target_modules=["c_attn", "c_proj", "c_fc"]))
     config = SFTConfig(
         output_dir=str(adapter_dir.parent / "reference-trainer"), per_device_train_batch_size=2, gradient_accumulation_steps=5,
         num_train_epochs=params.train.epochs, learning_rate=2e-4, optim="adamw_8bit", weight_decay=0.01, max_grad_norm=0.3,
-        warmup_steps=0.03, bf16=True, gradient_checkpointing=True, logging_steps=10, save_strategy="no", report_to="none",
+        warmup_steps=0.03, bf16=device == "cuda", use_cpu=device == "cpu", gradient_checkpointing=True, logging_steps=10, save_strategy="no", report_to="none",
         seed=seed, data_seed=seed, dataset_kwargs={"skip_prepare_dataset": True}, remove_unused_columns=False,
         disable_tqdm=True,
     )
     trainer = SFTTrainer(model=model, args=config, train_dataset=train_set, data_collator=default_data_collator,
                          processing_class=tokenizer)
-    torch.cuda.reset_peak_memory_stats()
-    torch.cuda.synchronize()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize()
     start = time.perf_counter()
     result = trainer.train()
-    torch.cuda.synchronize()
+    if device == "cuda":
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     model.save_pretrained(adapter_dir)
     real_tokens = sum(sum(mask) for mask in train_set["attention_mask"]) * params.train.epochs
     return {
         "train_loss": round(result.training_loss, 4), "steps": trainer.state.global_step, "runtime_s": round(seconds, 2),
         "real_tokens_per_s": round(real_tokens / seconds, 1), "padded_tokens_per_step": 10 * 1024,
-        "peak_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1),
+        "peak_memory_mb": peak_memory_mb(device),
     }
 
 
-def score(model_dir: Path, adapter_dir: Path, tokenized_eval, quantize) -> dict:
+def score(model_dir: Path, adapter_dir: Path, tokenized_eval, quantize, device: str) -> dict:
     """Answer loss of base (4-bit) + adapter on the held-out rows, with and without the final EOS."""
     import torch
     from peft import PeftModel
@@ -92,10 +98,11 @@ def score(model_dir: Path, adapter_dir: Path, tokenized_eval, quantize) -> dict:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = PeftModel.from_pretrained(load_model(model_dir, quantize, "cuda", torch.bfloat16), adapter_dir).eval()
-    with_eos = answer_loss(model, tokenized_eval, tokenizer.pad_token_id, 16, "cuda")
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = PeftModel.from_pretrained(load_model(model_dir, quantize, device, dtype), adapter_dir).eval()
+    with_eos = answer_loss(model, tokenized_eval, tokenizer.pad_token_id, 16, device)
     no_eos = tokenized_eval.map(lambda r: {"labels": r["labels"][:-1] + [-100]})
-    without_eos = answer_loss(model, no_eos, tokenizer.pad_token_id, 16, "cuda")
+    without_eos = answer_loss(model, no_eos, tokenizer.pad_token_id, 16, device)
     return {"eval_answer_loss": with_eos["loss"], "eval_answer_loss_no_eos": without_eos["loss"]}
 
 
@@ -112,11 +119,12 @@ def main(args: argparse.Namespace) -> None:
     from qlora_pipeline.tokenization import tokenize_split
     from qlora_pipeline.training import train
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU only for a smoke run (--rows, --epochs)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     base_params = yaml.safe_load((ROOT / "profiles" / "tutorial.yaml").read_text())
     base_params = deep_update(base_params, {"model": {"source": "random", "name": "distilgpt2"},
-                                            "train": {"epochs": args.epochs, "device": "cuda"}})
+                                            "train": {"epochs": args.epochs, "device": device}})
     params = parse_params(base_params)
 
     # The same random start for every run: distilgpt2's exact config, seed 42, saved once.
@@ -128,8 +136,9 @@ def main(args: argparse.Namespace) -> None:
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     tokenizer.save_pretrained(model_dir)
 
-    rows = normalize_rows(json.loads(Path(args.data).read_text()), params.data.columns, args.data)
-    train_rows, eval_rows = make_subset(rows, len(rows) - 100, 100, params.seed)
+    rows = normalize_rows(json.loads(Path(args.data).read_text()), params.data.columns, args.data)[: args.rows]
+    eval_size = min(100, len(rows) // 5)
+    train_rows, eval_rows = make_subset(rows, len(rows) - eval_size, eval_size, params.seed)
     train_fmt, eval_fmt = format_rows(train_rows, params.format.template), format_rows(eval_rows, params.format.template)
     tokenized = work / "tokenized"
     stats = {}
@@ -140,9 +149,9 @@ def main(args: argparse.Namespace) -> None:
 
     results = []
     if "reference" in args.variants:
-        figures = train_reference(model_dir, train_fmt, work / "adapter-reference", params, params.seed)
+        figures = train_reference(model_dir, train_fmt, work / "adapter-reference", params, params.seed, device)
         results.append({"variant": "reference (tutorial code)", **figures,
-                        **score(model_dir, work / "adapter-reference", tokenized_eval, params.quantize)})
+                        **score(model_dir, work / "adapter-reference", tokenized_eval, params.quantize, device)})
         print(results[-1], flush=True)
     for name in [v for v in args.variants if v != "reference"]:
         for seed in args.seeds:
@@ -154,7 +163,7 @@ def main(args: argparse.Namespace) -> None:
                 "variant": name if len(args.seeds) == 1 else f"{name} (seed {seed})",
                 **{k: metrics[k] for k in ("train_loss", "steps", "runtime_s", "real_tokens_per_s", "peak_memory_mb")},
                 "padded_tokens_per_step": round(metrics["padded_tokens"] / max(metrics["steps"], 1), 1),
-                **score(model_dir, adapter, tokenized_eval, params.quantize),
+                **score(model_dir, adapter, tokenized_eval, params.quantize, device),
             })
             print(results[-1], flush=True)
 
@@ -165,7 +174,7 @@ def main(args: argparse.Namespace) -> None:
         speedup = f"{reference['runtime_s'] / r['runtime_s']:.1f}x" if reference else "-"
         print(f"{r['variant']:34} {r['steps']:>5} {r['runtime_s']:>8.2f} {speedup:>8} {r['real_tokens_per_s']:>9.0f} "
               f"{r['peak_memory_mb']:>9.0f} {r['eval_answer_loss']:>9.4f} {r['eval_answer_loss_no_eos']:>8.4f}")
-    gpu = torch.cuda.get_device_name()
+    gpu = torch.cuda.get_device_name() if device == "cuda" else f"cpu-{platform.processor() or platform.machine()}"
     record = {
         "benchmark": "train_speed", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "gpu": gpu, "host": platform.node(), "python": platform.python_version(),
@@ -193,6 +202,7 @@ if __name__ == "__main__":
     parser.add_argument("--variants", nargs="+", default=["reference", *VARIANTS])
     parser.add_argument("--seeds", nargs="+", type=int, default=[42])
     parser.add_argument("--epochs", type=float, default=3)
+    parser.add_argument("--rows", type=int, default=None, help="use only the first N rows (smoke runs)")
     parser.add_argument("--work", default="/tmp/qlora-bench")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     main(parser.parse_args())

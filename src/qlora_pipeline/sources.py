@@ -119,6 +119,9 @@ def _load_random(name: str, seed: int):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     tokenizer = embedded_tokenizer() if RANDOM_TOKENIZERS[name] == "embedded" else byte_tokenizer()
+    # The special tokens are the tokenizer's (random weights know no other).
+    for config in (model.config, model.generation_config):
+        config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
     return model, tokenizer
 
 
