@@ -28,9 +28,15 @@ ROOT = Path(__file__).resolve().parents[1]
 # Execution variants of the pipeline's train stage (train.* params over the tutorial profile).
 # None changes what is optimized: rows per step, hyperparameters and data order stay the same.
 VARIANTS = {
-    "pipeline-as-tutorial": {"micro_batch_size": 2, "gradient_checkpointing": True, "sdpa_cudnn": True},
+    "pipeline-as-tutorial": {"micro_batch_size": 2, "gradient_checkpointing": True, "sdpa_cudnn": True,
+                             "fused_activation": False},
     "pipeline-default": {},
-    "pipeline-fused-adamw": {"optim": "adamw_torch_fused"},
+    "unfused-gelu": {"fused_activation": False},
+    "fused-adamw": {"optim": "adamw_torch_fused"},
+    "fused-adamw-log1": {"optim": "adamw_torch_fused", "log_every_steps": 1},
+    "fused-adamw-micro5": {"optim": "adamw_torch_fused", "micro_batch_size": 5},
+    "fused-adamw-cudnn-pad64": {"optim": "adamw_torch_fused", "sdpa_cudnn": True, "pad_to_multiple_of": 64},
+    "fused-adamw-pad64": {"optim": "adamw_torch_fused", "pad_to_multiple_of": 64},
 }
 
 
@@ -167,6 +173,9 @@ def main(args: argparse.Namespace) -> None:
             })
             print(results[-1], flush=True)
 
+    if args.profile:
+        profile_variant(args.profile, base_params, model_dir, tokenized, work, Path(args.out))
+
     reference = next((r for r in results if r["variant"].startswith("reference")), None)
     header = f"{'variant':34} {'steps':>5} {'train s':>8} {'speed-up':>8} {'tokens/s':>9} {'peak MiB':>9} {'eval loss':>9} {'w/o EOS':>8}"
     print(header)
@@ -189,6 +198,29 @@ def main(args: argparse.Namespace) -> None:
     print(f"wrote {out / name}")
 
 
+def profile_variant(name: str, base_params: dict, model_dir: Path, tokenized: Path, work: Path, out: Path) -> None:
+    """30 optimizer steps of one variant under the PyTorch profiler: where does a step's time go?"""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from qlora_pipeline.config import deep_update, parse_params
+    from qlora_pipeline.training import train
+
+    variant = parse_params(deep_update(base_params, {"train": {**VARIANTS[name], "max_steps": 30}}))
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        metrics, _ = train(model_dir, tokenized, work / "adapter-profile", variant.quantize, variant.lora, variant.train,
+                           variant.seed)
+    events = prof.key_averages()
+    device_us = sum(e.self_device_time_total for e in events)
+    table = events.table(sort_by="self_cpu_time_total", row_limit=30)
+    table_gpu = events.table(sort_by="self_device_time_total", row_limit=20)
+    text = (f"variant {name}: 30 steps in {metrics['runtime_s']} s; GPU kernel time {device_us / 1e6:.2f} s\n\n"
+            f"by CPU time:\n{table}\n\nby GPU time:\n{table_gpu}\n")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"profile-{name}.txt").write_text(text)
+    print(text[:6000])
+
+
 def _other_versions() -> dict:
     import importlib.metadata as md
 
@@ -203,6 +235,7 @@ if __name__ == "__main__":
     parser.add_argument("--seeds", nargs="+", type=int, default=[42])
     parser.add_argument("--epochs", type=float, default=3)
     parser.add_argument("--rows", type=int, default=None, help="use only the first N rows (smoke runs)")
+    parser.add_argument("--profile", choices=list(VARIANTS), help="also profile 30 steps of this variant")
     parser.add_argument("--work", default="/tmp/qlora-bench")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     main(parser.parse_args())

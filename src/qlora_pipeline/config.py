@@ -83,6 +83,8 @@ class TrainParams:
     max_grad_norm: float
     gradient_checkpointing: bool
     sdpa_cudnn: bool
+    fused_activation: bool
+    pad_to_multiple_of: int
     device: Literal["auto", "cpu", "cuda"]
     log_every_steps: int
 
@@ -133,6 +135,7 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "train.grad_accum": (lambda v: v > 0, "> 0"),
     "train.micro_batch_size": (lambda v: v == "auto" or v > 0, "'auto' or > 0"),
     "train.learning_rate": (lambda v: v > 0, "> 0"),
+    "train.pad_to_multiple_of": (lambda v: v >= 1, ">= 1"),
     "train.warmup_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "train.weight_decay": (lambda v: v >= 0, ">= 0"),
     "train.max_grad_norm": (lambda v: v > 0, "> 0"),

@@ -36,10 +36,12 @@ STEP_LOG_FIELDS = ("step", "epoch", "loss", "learning_rate", "grad_norm", "token
 class TokenCountingCollator:
     """trl's collator, counting the real (non-padding) and trained tokens that pass through it."""
 
-    def __init__(self, pad_token_id: int):
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 1):
         from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-        self.inner = DataCollatorForLanguageModeling(pad_token_id=pad_token_id)
+        self.inner = DataCollatorForLanguageModeling(
+            pad_token_id=pad_token_id, pad_to_multiple_of=pad_to_multiple_of if pad_to_multiple_of > 1 else None
+        )
         self.real_tokens = 0
         self.trained_tokens = 0
         self.padded_tokens = 0
@@ -74,6 +76,20 @@ def _step_logger(collator: TokenCountingCollator, rows: list[dict]):
                 })
 
     return StepLogger()
+
+
+def fuse_activations(model) -> int:
+    """Swap GPT-2's gelu_new, composed of eight elementwise ops (each kept for the backward pass), for
+    PyTorch's fused kernel of the same tanh approximation. Returns how many modules were swapped."""
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    swapped = 0
+    for module in model.modules():
+        for name, child in module.named_children():
+            if isinstance(child, NewGELUActivation):
+                setattr(module, name, GELUTanh())
+                swapped += 1
+    return swapped
 
 
 def peak_memory_mb(device: str) -> float:
@@ -118,6 +134,8 @@ def train(
     train_set = datasets.load_from_disk(str(tokenized_dir / "train")).select_columns(["input_ids", "labels"])
 
     model = load_model(model_dir, quantize, device, compute_dtype)
+    if params.fused_activation:
+        fuse_activations(model)
     if quantize.load_in_4bit:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=params.gradient_checkpointing)
     elif params.gradient_checkpointing:
@@ -128,7 +146,7 @@ def train(
 
     # The trainer wants a directory of its own; nothing is saved there (checkpoints are off).
     work_dir = tempfile.mkdtemp(prefix="qlora-trainer-")
-    collator = TokenCountingCollator(tokenizer.pad_token_id)
+    collator = TokenCountingCollator(tokenizer.pad_token_id, params.pad_to_multiple_of)
     step_rows: list[dict] = []
     config = SFTConfig(
         output_dir=work_dir,
