@@ -31,6 +31,7 @@ VARIANTS = {
     "pipeline-as-tutorial": {"micro_batch_size": 2, "gradient_checkpointing": True, "sdpa_cudnn": True,
                              "fused_activation": False},
     "pipeline-default": {},
+    "no-dequantized-cache": {"dequantized_cache_mb": 0},
     "unfused-gelu": {"fused_activation": False},
     "fused-adamw": {"optim": "adamw_torch_fused"},
     "fused-adamw-log1": {"optim": "adamw_torch_fused", "log_every_steps": 1},

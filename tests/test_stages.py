@@ -212,3 +212,20 @@ def test_micro_batches_change_execution_not_what_is_optimized(ran, tmp_path):
     result = run_stage(bad, "train.py", check=False)
     assert result.returncode == 2
     assert "params key 'train.micro_batch_size': 3 does not divide the 8 rows of an optimizer step" in result.stderr
+
+
+def test_dequantized_cache_is_the_same_arithmetic(ran, tmp_path):
+    """The frozen 4-bit weights kept dequantized give the same losses and gradients as dequantizing per call."""
+    import csv
+
+    logs = []
+    for cache_mb in (0, 1024):
+        project = make_project(tmp_path / str(cache_mb), tiny_params(train={"dequantized_cache_mb": cache_mb}))
+        for name in ("models/base", "data/tokenized"):
+            shutil.copytree(ran / name, project / name)
+        run_stage(project, "train.py")
+        assert (read_json(project / "metrics/train.json")["dequantized_cache_mb"] > 0) == (cache_mb > 0)
+        logs.append(list(csv.DictReader((project / "metrics/train_log.csv").open())))
+    for per_call, cached in zip(*logs):
+        assert float(per_call["loss"]) == pytest.approx(float(cached["loss"]), rel=1e-6)
+        assert float(per_call["grad_norm"]) == pytest.approx(float(cached["grad_norm"]), rel=1e-5)

@@ -85,6 +85,7 @@ class TrainParams:
     sdpa_cudnn: bool
     fused_activation: bool
     pad_to_multiple_of: int
+    dequantized_cache_mb: float
     device: Literal["auto", "cpu", "cuda"]
     log_every_steps: int
 
@@ -136,6 +137,7 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "train.micro_batch_size": (lambda v: v == "auto" or v > 0, "'auto' or > 0"),
     "train.learning_rate": (lambda v: v > 0, "> 0"),
     "train.pad_to_multiple_of": (lambda v: v >= 1, ">= 1"),
+    "train.dequantized_cache_mb": (lambda v: v >= 0, ">= 0"),
     "train.warmup_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "train.weight_decay": (lambda v: v >= 0, ">= 0"),
     "train.max_grad_norm": (lambda v: v > 0, "> 0"),

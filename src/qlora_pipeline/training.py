@@ -92,6 +92,38 @@ def fuse_activations(model) -> int:
     return swapped
 
 
+def _dequantized_forward(self, x):
+    """Linear4bit.forward with the weight dequantized once: bitsandbytes' 4-bit matmul also dequantizes to the
+    compute dtype and multiplies, so the arithmetic is the same; only the per-call dequantization is gone."""
+    import torch.nn.functional as F
+
+    input_dtype = x.dtype
+    x = x.to(self.dequantized_weight.dtype)
+    bias = None if self.bias is None else self.bias.to(x.dtype)
+    return F.linear(x, self.dequantized_weight, bias).to(input_dtype)
+
+
+def cache_dequantized_weights(model, compute_dtype, budget_mb: float) -> float:
+    """Keep each frozen 4-bit weight also dequantized in `compute_dtype`, if all of them fit in `budget_mb`.
+    Returns the MiB used (0 when they do not fit or the model has no 4-bit layers)."""
+    import types
+
+    import bitsandbytes as bnb
+    import torch
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    element_size = torch.empty((), dtype=compute_dtype).element_size()
+    size_mb = sum(m.weight.quant_state.shape.numel() for m in layers) * element_size / 2**20
+    if not layers or size_mb > budget_mb:
+        return 0.0
+    for layer in layers:
+        weight = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+        dtype = layer.compute_dtype or compute_dtype
+        layer.register_buffer("dequantized_weight", weight.to(dtype), persistent=False)
+        layer.forward = types.MethodType(_dequantized_forward, layer)
+    return round(size_mb, 1)
+
+
 def peak_memory_mb(device: str) -> float:
     import torch
 
@@ -136,6 +168,7 @@ def train(
     model = load_model(model_dir, quantize, device, compute_dtype)
     if params.fused_activation:
         fuse_activations(model)
+    dequantized_mb = cache_dequantized_weights(model, compute_dtype, params.dequantized_cache_mb) if quantize.load_in_4bit else 0.0
     if quantize.load_in_4bit:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=params.gradient_checkpointing)
     elif params.gradient_checkpointing:
@@ -204,6 +237,7 @@ def train(
         "epochs": round(trainer.state.epoch or 0.0, 4),
         "rows_per_step": rows_per_step,
         "micro_batch_size": micro_batch,
+        "dequantized_cache_mb": dequantized_mb,
         "train_rows": len(train_set),
         "real_tokens": collator.real_tokens,
         "trained_tokens": collator.trained_tokens,
