@@ -34,6 +34,8 @@ VARIANTS = {
     "no-dequantized-cache": {"dequantized_cache_mb": 0},
     "unfused-gelu": {"fused_activation": False},
     "fused-adamw": {"optim": "adamw_torch_fused"},
+    "fused-adamw-no-upcast": {"optim": "adamw_torch_fused", "upcast_non_quantized": False},
+    "no-upcast": {"upcast_non_quantized": False},
     "fused-adamw-log1": {"optim": "adamw_torch_fused", "log_every_steps": 1},
     "fused-adamw-micro5": {"optim": "adamw_torch_fused", "micro_batch_size": 5},
     "fused-adamw-cudnn-pad64": {"optim": "adamw_torch_fused", "sdpa_cudnn": True, "pad_to_multiple_of": 64},

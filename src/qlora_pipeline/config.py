@@ -86,6 +86,7 @@ class TrainParams:
     fused_activation: bool
     pad_to_multiple_of: int
     dequantized_cache_mb: float
+    upcast_non_quantized: bool
     device: Literal["auto", "cpu", "cuda"]
     log_every_steps: int
 

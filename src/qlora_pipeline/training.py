@@ -169,10 +169,12 @@ def train(
     if params.fused_activation:
         fuse_activations(model)
     dequantized_mb = cache_dequantized_weights(model, compute_dtype, params.dequantized_cache_mb) if quantize.load_in_4bit else 0.0
-    if quantize.load_in_4bit:
+    if quantize.load_in_4bit and params.upcast_non_quantized:
+        # The usual QLoRA preparation: embeddings, norms and biases in float32 for numerical stability.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=params.gradient_checkpointing)
     elif params.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
     targets = resolve_target_modules(model, lora)
     model = get_peft_model(model, lora_config(lora, targets))
     trainable, all_params = model.get_nb_trainable_parameters()
