@@ -8,7 +8,7 @@ same 100 held-out rows.
 
     python bench/train_speed.py --data ../shared/data/alpaca_sample_1k.json --tokenizer models/base
 
-Prints a table and writes bench/results/train_speed-<date>-<gpu>.json (GPU, versions, date, every figure).
+Prints a table and writes bench/results/train_speed-<UTC time>-<gpu>.json (GPU, versions, date, every figure).
 `--variants` picks pipeline execution variants by name (see VARIANTS); `--epochs` shortens a trial.
 """
 
@@ -196,7 +196,8 @@ def main(args: argparse.Namespace) -> None:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = f"train_speed-{datetime.date.today().isoformat()}-{gpu.replace(' ', '_')}.json"
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H%M")
+    name = f"train_speed-{stamp}-{gpu.replace(' ', '_')}.json"
     (out / name).write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {out / name}")
 
