@@ -283,7 +283,11 @@ def fetch_dataset(params: DataParams) -> tuple[list[dict[str, str]], dict[str, A
     else:
         path, commit = _hub_snapshot(params.name, params.revision, "dataset", [f"*{s}" for s in _DATA_SUFFIXES])
         record.update(revision=params.revision, resolved_commit=commit)
-        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in _DATA_SUFFIXES and p.is_file())
+        # Data files only: hub repos also hold metadata JSON (dataset_infos.json and the like).
+        files = sorted(
+            p for p in path.rglob("*")
+            if p.suffix.lower() in _DATA_SUFFIXES and p.is_file() and not p.name.startswith(("dataset_info", "."))
+        )
         if not files:
             raise PipelineError(f"dataset {params.name!r} at {commit}: no JSON, JSONL, CSV or Parquet files")
         record["files"] = [str(p.relative_to(path)) for p in files]
