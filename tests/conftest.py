@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from qlora_pipeline.config import deep_update
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # The tiny profile: params.yaml with a 2-layer random GPT-2, a few rows and two optimizer steps.
@@ -22,13 +24,6 @@ TINY_OVERLAY = {
     "merge": {"compare_prompts": 2},
     "evaluate": {"batch_size": 4, "max_new_tokens": 8, "generate_rows": 4},
 }
-
-
-def deep_update(base: dict, overlay: dict) -> dict:
-    out = dict(base)
-    for key, value in overlay.items():
-        out[key] = deep_update(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
 
 
 def default_params() -> dict:
