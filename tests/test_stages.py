@@ -189,43 +189,51 @@ def test_hub_sources_resolve_from_the_local_cache(tmp_path, tiny_model_dir):
     assert result.returncode == 2 and "error: params key 'model.name': cannot get model 'acme/absent'" in result.stderr
 
 
+def train_variants(ran, tmp_path, variants: dict) -> dict:
+    """Train each params variant from the same base and tokenized data; return each one's metrics and step log."""
+    import csv
+
+    out = {}
+    for name, overrides in variants.items():
+        project = make_project(tmp_path / name, tiny_params(**overrides))
+        for path in ("models/base", "data/tokenized"):
+            shutil.copytree(ran / path, project / path)
+        run_stage(project, "train.py")
+        out[name] = (read_json(project / "metrics/train.json"), list(csv.DictReader((project / "metrics/train_log.csv").open())))
+    return out
+
+
+def assert_same_steps(log_a, log_b, loss_rel, grad_rel):
+    assert len(log_a) == len(log_b) == 2
+    for a, b in zip(log_a, log_b):
+        assert float(a["loss"]) == pytest.approx(float(b["loss"]), rel=loss_rel)
+        assert float(a["grad_norm"]) == pytest.approx(float(b["grad_norm"]), rel=grad_rel)
+
+
 def test_micro_batches_change_execution_not_what_is_optimized(ran, tmp_path):
     """One pass of 8 rows or two of 4: the same loss and the same gradient at every step (the loss is
     normalized over the tokens of the whole optimizer step). Adam's first updates are ~lr * sign(grad),
     which turns rounding noise in near-zero gradients into full-size differences, so the adapters
     themselves are compared through the gradient norm, not element by element."""
-    import csv
-
-    logs = []
-    for micro in ("auto", 4):
-        project = make_project(tmp_path / str(micro), tiny_params(lora={"dropout": 0.0}, train={"micro_batch_size": micro}))
-        for name in ("models/base", "data/tokenized"):
-            shutil.copytree(ran / name, project / name)
-        run_stage(project, "train.py")
-        assert read_json(project / "metrics/train.json")["micro_batch_size"] == (8 if micro == "auto" else 4)
-        logs.append(list(csv.DictReader((project / "metrics/train_log.csv").open())))
-    assert len(logs[0]) == len(logs[1]) == 2
-    for one_pass, two_passes in zip(*logs):
-        assert float(one_pass["loss"]) == pytest.approx(float(two_passes["loss"]), rel=1e-5)
-        assert float(one_pass["grad_norm"]) == pytest.approx(float(two_passes["grad_norm"]), rel=1e-4)
+    runs = train_variants(ran, tmp_path, {
+        "one-pass": {"lora": {"dropout": 0.0}, "train": {"micro_batch_size": "auto"}},
+        "two-passes": {"lora": {"dropout": 0.0}, "train": {"micro_batch_size": 4}},
+    })
+    assert runs["one-pass"][0]["micro_batch_size"] == 8 and runs["two-passes"][0]["micro_batch_size"] == 4
+    assert_same_steps(runs["one-pass"][1], runs["two-passes"][1], 1e-5, 1e-4)
     bad = make_project(tmp_path / "bad", tiny_params(train={"micro_batch_size": 3}))
     result = run_stage(bad, "train.py", check=False)
     assert result.returncode == 2
     assert "params key 'train.micro_batch_size': 3 does not divide the 8 rows of an optimizer step" in result.stderr
 
 
-def test_dequantized_cache_is_the_same_arithmetic(ran, tmp_path):
-    """The frozen 4-bit weights kept dequantized give the same losses and gradients as dequantizing per call."""
-    import csv
-
-    logs = []
-    for cache_mb in (0, 1024):
-        project = make_project(tmp_path / str(cache_mb), tiny_params(train={"dequantized_cache_mb": cache_mb}))
-        for name in ("models/base", "data/tokenized"):
-            shutil.copytree(ran / name, project / name)
-        run_stage(project, "train.py")
-        assert (read_json(project / "metrics/train.json")["dequantized_cache_mb"] > 0) == (cache_mb > 0)
-        logs.append(list(csv.DictReader((project / "metrics/train_log.csv").open())))
-    for per_call, cached in zip(*logs):
-        assert float(per_call["loss"]) == pytest.approx(float(cached["loss"]), rel=1e-6)
-        assert float(per_call["grad_norm"]) == pytest.approx(float(cached["grad_norm"]), rel=1e-5)
+def test_execution_params_keep_the_arithmetic(ran, tmp_path):
+    """The dequantized-weight cache and the trainer without token metrics compute the same losses and gradients."""
+    runs = train_variants(ran, tmp_path, {
+        "plain": {"train": {"dequantized_cache_mb": 0, "token_metrics": True}},
+        "cached": {"train": {"dequantized_cache_mb": 1024, "token_metrics": True}},
+        "quiet": {"train": {"dequantized_cache_mb": 0, "token_metrics": False}},
+    })
+    assert runs["plain"][0]["dequantized_cache_mb"] == 0 and runs["cached"][0]["dequantized_cache_mb"] > 0
+    assert_same_steps(runs["plain"][1], runs["cached"][1], 1e-6, 1e-5)
+    assert_same_steps(runs["plain"][1], runs["quiet"][1], 1e-6, 1e-5)

@@ -87,6 +87,7 @@ class TrainParams:
     pad_to_multiple_of: int
     dequantized_cache_mb: float
     upcast_non_quantized: bool
+    token_metrics: bool
     device: Literal["auto", "cpu", "cuda"]
     log_every_steps: int
 

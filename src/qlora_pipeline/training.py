@@ -78,6 +78,38 @@ def _step_logger(collator: TokenCountingCollator, rows: list[dict]):
     return StepLogger()
 
 
+def sft_trainer_class(token_metrics: bool):
+    """trl's SFTTrainer, or (token_metrics false) one whose loss is trl's own fused-head loss without the
+    per-step entropy and token-accuracy metrics, whose `.item()` calls make every step wait for the GPU."""
+    from trl import SFTTrainer
+
+    if token_metrics:
+        return SFTTrainer
+
+    class SFTTrainerWithoutTokenMetrics(SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            import torch
+
+            outputs = model(**inputs, fused_lm_head=True)
+            num_tokens = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
+            loss = -outputs.log_probs.sum() / torch.as_tensor(num_tokens).clamp(min=1)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes
+            return (loss, outputs) if return_outputs else loss
+
+    return SFTTrainerWithoutTokenMetrics
+
+
+def resolve_optimizer(name: str, device: str, trainable_params: int) -> str:
+    """`auto`: torch's fused AdamW on a GPU unless bitsandbytes' 8-bit states would save at least 1 GiB
+    (6 bytes a parameter: two float32 moments against two 8-bit ones); 8-bit AdamW otherwise."""
+    if name != "auto":
+        return name
+    if device == "cuda" and trainable_params * 6 < 2**30:
+        return "adamw_torch_fused"
+    return "adamw_8bit"
+
+
 def fuse_activations(model) -> int:
     """Swap GPT-2's gelu_new, composed of eight elementwise ops (each kept for the backward pass), for
     PyTorch's fused kernel of the same tanh approximation. Returns how many modules were swapped."""
@@ -147,7 +179,7 @@ def train(
     import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoTokenizer, set_seed
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
     device = resolve_device(params.device)
     compute_dtype = resolve_compute_dtype(quantize, device)
@@ -178,6 +210,7 @@ def train(
     targets = resolve_target_modules(model, lora)
     model = get_peft_model(model, lora_config(lora, targets))
     trainable, all_params = model.get_nb_trainable_parameters()
+    optimizer = resolve_optimizer(params.optim, device, trainable)
 
     # The trainer wants a directory of its own; nothing is saved there (checkpoints are off).
     work_dir = tempfile.mkdtemp(prefix="qlora-trainer-")
@@ -192,7 +225,7 @@ def train(
         learning_rate=params.learning_rate,
         lr_scheduler_type=params.lr_scheduler,
         warmup_steps=params.warmup_ratio,  # a float < 1 is a fraction of the total steps
-        optim=params.optim,
+        optim=optimizer,
         weight_decay=params.weight_decay,
         max_grad_norm=params.max_grad_norm,
         gradient_checkpointing=params.gradient_checkpointing,
@@ -208,7 +241,7 @@ def train(
         remove_unused_columns=False,
         disable_tqdm=False,
     )
-    trainer = SFTTrainer(
+    trainer = sft_trainer_class(params.token_metrics)(
         model=model,
         args=config,
         train_dataset=train_set,
@@ -239,6 +272,7 @@ def train(
         "epochs": round(trainer.state.epoch or 0.0, 4),
         "rows_per_step": rows_per_step,
         "micro_batch_size": micro_batch,
+        "optimizer": optimizer,
         "dequantized_cache_mb": dequantized_mb,
         "train_rows": len(train_set),
         "real_tokens": collator.real_tokens,
