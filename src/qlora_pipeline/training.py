@@ -258,9 +258,11 @@ def train(
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    result = trainer.train()
+    try:
+        result = trainer.train()
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
     seconds = time.perf_counter() - start
-    shutil.rmtree(work_dir, ignore_errors=True)
     model.save_pretrained(adapter_dir)
     tokenizer.save_pretrained(adapter_dir)
 
