@@ -206,7 +206,6 @@ def main(args: argparse.Namespace) -> None:
 
 def profile_variant(name: str, base_params: dict, model_dir: Path, tokenized: Path, work: Path, out: Path) -> None:
     """30 optimizer steps of one variant under the PyTorch profiler: where does a step's time go?"""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     from qlora_pipeline.config import deep_update, parse_params

@@ -5,7 +5,6 @@ import math
 import shutil
 
 import pytest
-import yaml
 
 from conftest import make_project, run_stage, tiny_params
 
