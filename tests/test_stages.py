@@ -236,3 +236,27 @@ def test_execution_params_keep_the_arithmetic(ran, tmp_path):
     assert runs["plain"][0]["dequantized_cache_mb"] == 0 and runs["cached"][0]["dequantized_cache_mb"] > 0
     assert_same_steps(runs["plain"][1], runs["cached"][1], 1e-6, 1e-5)
     assert_same_steps(runs["plain"][1], runs["quiet"][1], 1e-6, 1e-5)
+
+
+@pytest.mark.parametrize("model", ["models/merged", "models/adapter", "models/base"])
+def test_generate_with_the_trained_template(ran, model):
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "qlora_pipeline.generate", "Add the two numbers.", "--input", "1 + 2", "--model", model,
+         "--max-new-tokens", "4", "--show-prompt"],
+        cwd=ran, capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("Below is an instruction") and "### Input:\n1 + 2\n\n### Response:\n" in result.stdout
+
+
+def test_generate_names_a_missing_model(ran):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "qlora_pipeline.generate", "Hi.", "--model", "models/nope"],
+                            cwd=ran, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: --model models/nope: no such directory (run the pipeline first: dvc repro)"

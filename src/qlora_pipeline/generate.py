@@ -1,0 +1,86 @@
+"""Try a model of the pipeline on one instruction, with the prompt template it was trained with.
+
+    qlora-generate "Add the two numbers." --input "12 + 30"                   # models/merged
+    qlora-generate "Add the two numbers." --input "12 + 30" --model models/adapter
+    qlora-generate "Add the two numbers." --input "12 + 30" --model models/base
+
+The template is the one recorded for the format stage in dvc.lock (what the data was formatted with),
+else `format.template` of params.yaml. An adapter directory is loaded on top of the base it names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+from qlora_pipeline.errors import PipelineError, run_stage
+
+
+def trained_template(project: Path) -> str:
+    """The template of the format stage's last run (dvc.lock), else the one params.yaml names now."""
+    lock = project / "dvc.lock"
+    if lock.is_file():
+        stage = (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).get("format", {})
+        template = stage.get("params", {}).get("params.yaml", {}).get("format", {}).get("template")
+        if template:
+            return template
+    params = project / "params.yaml"
+    if not params.is_file():
+        raise PipelineError(f"{project}: no dvc.lock or params.yaml to read the prompt template from")
+    return yaml.safe_load(params.read_text())["format"]["template"]
+
+
+def load_for_generation(model_dir: Path, project: Path):
+    """A model directory (base or merged) or an adapter directory on top of its base, in float32 on the CPU
+    or bfloat16 on a GPU."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not model_dir.is_dir():
+        raise PipelineError(f"--model {model_dir}: no such directory (run the pipeline first: dvc repro)")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    adapter_config = model_dir / "adapter_config.json"
+    if adapter_config.is_file():
+        from peft import PeftModel
+
+        base_dir = project / json.loads(adapter_config.read_text())["base_model_name_or_path"]
+        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype, use_safetensors=True)
+        model = PeftModel.from_pretrained(base, model_dir)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True)
+    return model.to(device).eval(), AutoTokenizer.from_pretrained(model_dir), device
+
+
+def main(args: argparse.Namespace) -> None:
+    from qlora_pipeline.evaluation import generate_answers
+    from qlora_pipeline.prompts import build_prompt
+
+    project = Path(args.project)
+    template = trained_template(project)
+    model, tokenizer, device = load_for_generation(project / args.model, project)
+    prompt = build_prompt(template, args.instruction, args.input)
+    answer = generate_answers(model, tokenizer, [prompt], 1, args.max_new_tokens, device)[0]
+    if args.show_prompt:
+        print(prompt, end="")
+    print(answer.strip())
+
+
+def cli() -> None:
+    parser = argparse.ArgumentParser(prog="qlora-generate", description=__doc__.splitlines()[0])
+    parser.add_argument("instruction", help="the instruction, as in the instruction column of the data")
+    parser.add_argument("--input", default="", help="the input (context) of the instruction, if any")
+    parser.add_argument("--model", default="models/merged", help="models/merged, models/adapter or models/base")
+    parser.add_argument("--project", default=".", help="the pipeline's directory (where dvc.lock is)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--show-prompt", action="store_true", help="print the templated prompt before the answer")
+    args = parser.parse_args()
+    run_stage(lambda: main(args))
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
