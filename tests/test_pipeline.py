@@ -70,3 +70,38 @@ def test_repro_then_change_one_param(tmp_path):
 
     metrics = json.loads(sh(project, "dvc", "metrics", "show", "--json"))
     assert metrics, "dvc metrics show found no metrics"
+
+
+def test_experiments_reuse_the_cache_and_compare(tmp_path):
+    """`dvc exp run -S` reruns only what the changed params reach; a queued sweep runs with `dvc queue start`."""
+    import time
+
+    project = make_project(tmp_path / "project", tiny_params())
+    for cmd in (("git", "init", "-q"), ("dvc", "init", "-q")):
+        sh(project, *cmd)
+    sh(project, "dvc", "repro")
+    sh(project, "git", "add", "-A")
+    sh(project, "git", "commit", "-qm", "baseline")
+
+    out = sh(project, "dvc", "exp", "run", "-n", "lr-high", "-S", "train.learning_rate=0.002", "-S", "lora.r=4")
+    ran = [line for line in out.splitlines() if line.startswith("Running stage")]
+    assert ran == ["Running stage 'quantize-inspect':", "Running stage 'train':", "Running stage 'merge':",
+                   "Running stage 'evaluate':"]
+
+    for name, lr in (("sweep-a", "0.0001"), ("sweep-b", "0.0003")):
+        sh(project, "dvc", "exp", "run", "--queue", "-n", name, "-S", f"train.learning_rate={lr}")
+    sh(project, "dvc", "queue", "start", "-j", "1")
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        status = sh(project, "dvc", "queue", "status")
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(5)
+    assert "Failed" not in status, status
+    shown = json.loads(sh(project, "dvc", "exp", "show", "--json"))
+    names = {exp.get("name") for commit in shown for exp in (commit.get("experiments") or [])}
+    assert {"lr-high", "sweep-a", "sweep-b"} <= names, names
+    diff = json.loads(sh(project, "dvc", "params", "diff", "HEAD", "lr-high", "--json"))
+    assert diff["params.yaml"]["lora.r"] == {"old": 8, "new": 4, "diff": -4}
+    metrics = json.loads(sh(project, "dvc", "metrics", "diff", "HEAD", "lr-high", "--json"))
+    assert "metrics/eval.json" in metrics and "metrics/train.json" in metrics
