@@ -29,12 +29,17 @@ def stages_to_run(project):
     return sorted(status)
 
 
-def test_repro_then_change_one_param(tmp_path):
+def reproduced_project(tmp_path):
+    """The tiny project as a git + DVC repo after one `dvc repro`; returns it and what the repro printed."""
     project = make_project(tmp_path / "project", tiny_params())
     sh(project, "git", "init", "-q")
     sh(project, "dvc", "init", "-q")
     sh(project, "dvc", "config", "core.autostage", "false")
-    out = sh(project, "dvc", "repro")
+    return project, sh(project, "dvc", "repro")
+
+
+def test_repro_then_change_one_param(tmp_path):
+    project, out = reproduced_project(tmp_path)
     for stage in ("download@model", "download@data", "subset", "format", "tokenize", "quantize-inspect", "train", "merge", "evaluate"):
         assert f"Running stage '{stage}'" in out
     assert stages_to_run(project) == []
@@ -76,10 +81,7 @@ def test_experiments_reuse_the_cache_and_compare(tmp_path):
     """`dvc exp run -S` reruns only what the changed params reach; a queued sweep runs with `dvc queue start`."""
     import time
 
-    project = make_project(tmp_path / "project", tiny_params())
-    for cmd in (("git", "init", "-q"), ("dvc", "init", "-q")):
-        sh(project, *cmd)
-    sh(project, "dvc", "repro")
+    project, _ = reproduced_project(tmp_path)
     sh(project, "git", "add", "-A")
     sh(project, "git", "commit", "-qm", "baseline")
 

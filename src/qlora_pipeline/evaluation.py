@@ -16,6 +16,13 @@ from typing import Any
 from qlora_pipeline.tokenization import IGNORE_INDEX
 
 
+def inference_dtype(device: str):
+    """bfloat16 on a GPU that has it, float32 otherwise: the dtype models are evaluated and tried in."""
+    import torch
+
+    return torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+
+
 def answer_loss(model, tokenized, pad_token_id: int, batch_size: int, device: str) -> dict[str, float]:
     """Mean cross-entropy over answer tokens (token-weighted), and its perplexity."""
     import torch
@@ -94,9 +101,8 @@ def evaluate(base_dir: Path, tuned_dir: Path, tokenized_eval_dir: Path, formatte
              max_new_tokens: int, generate_rows: int, device: str) -> tuple[dict[str, Any], list[dict]]:
     """Metrics of both models and the sample rows (prompt, reference, both answers)."""
     import datasets
-    import torch
 
-    dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    dtype = inference_dtype(device)
     tokenized = datasets.load_from_disk(str(tokenized_eval_dir))
     results, answers = {}, {}
     for label, model_dir in (("base", base_dir), ("tuned", tuned_dir)):

@@ -28,22 +28,22 @@ def trained_template(project: Path) -> str:
         template = stage.get("params", {}).get("params.yaml", {}).get("format", {}).get("template")
         if template:
             return template
-    params = project / "params.yaml"
-    if not params.is_file():
-        raise PipelineError(f"{project}: no dvc.lock or params.yaml to read the prompt template from")
-    return yaml.safe_load(params.read_text())["format"]["template"]
+    from qlora_pipeline.config import load_params
+
+    return load_params(project / "params.yaml").format.template
 
 
 def load_for_generation(model_dir: Path, project: Path):
-    """A model directory (base or merged) or an adapter directory on top of its base, in float32 on the CPU
-    or bfloat16 on a GPU."""
-    import torch
+    """A model directory (base or merged) or an adapter directory on top of its base, in the evaluation dtype."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qlora_pipeline.evaluation import inference_dtype
+    from qlora_pipeline.quantization import resolve_device
 
     if not model_dir.is_dir():
         raise PipelineError(f"--model {model_dir}: no such directory (run the pipeline first: dvc repro)")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    device = resolve_device("auto")
+    dtype = inference_dtype(device)
     adapter_config = model_dir / "adapter_config.json"
     if adapter_config.is_file():
         from peft import PeftModel
