@@ -107,3 +107,32 @@ def test_experiments_reuse_the_cache_and_compare(tmp_path):
     assert diff["params.yaml"]["lora.r"] == {"old": 8, "new": 4, "diff": -4}
     metrics = json.loads(sh(project, "dvc", "metrics", "diff", "HEAD", "lr-high", "--json"))
     assert "metrics/eval.json" in metrics and "metrics/train.json" in metrics
+
+
+def test_killed_repro_resumes_training(tmp_path):
+    """SIGKILL to the whole `dvc repro` mid-training; the next `dvc repro` continues from the checkpoint."""
+    import signal
+    import time
+
+    params = tiny_params(train={"max_steps": 6, "checkpoint_every_steps": 2})
+    project = make_project(tmp_path / "project", params)
+    sh(project, "git", "init", "-q")
+    sh(project, "dvc", "init", "-q")
+    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    repro = subprocess.Popen(["dvc", "repro"], cwd=project, env=env, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = project / "checkpoints/train/checkpoint-2/pipeline_state.json"
+    while not marker.exists():
+        assert repro.poll() is None, "dvc repro finished before it could be killed"
+        time.sleep(0.05)
+    os.killpg(repro.pid, signal.SIGKILL)
+    repro.wait()
+
+    result = subprocess.run(["dvc", "repro"], cwd=project, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ran = [line for line in result.stdout.splitlines() if line.startswith("Running stage")]
+    assert ran == ["Running stage 'train':", "Running stage 'merge':", "Running stage 'evaluate':"]
+    assert "resuming from checkpoints/train/checkpoint-" in result.stderr
+    assert json.loads((project / "metrics/train.json").read_text())["resumed_from_step"] >= 2
+    assert stages_to_run(project) == []

@@ -90,6 +90,7 @@ class TrainParams:
     token_metrics: bool
     device: Literal["auto", "cpu", "cuda"]
     log_every_steps: int
+    checkpoint_every_steps: int
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,7 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "train.weight_decay": (lambda v: v >= 0, ">= 0"),
     "train.max_grad_norm": (lambda v: v > 0, "> 0"),
     "train.log_every_steps": (lambda v: v > 0, "> 0"),
+    "train.checkpoint_every_steps": (lambda v: v >= 0, ">= 0 (0: no checkpoints)"),
     "merge.compare_prompts": (lambda v: v > 0, "> 0"),
     "evaluate.batch_size": (lambda v: v > 0, "> 0"),
     "evaluate.max_new_tokens": (lambda v: v > 0, "> 0"),

@@ -9,6 +9,7 @@ changes the arithmetic order only, not what is optimized.
 
 from __future__ import annotations
 
+import collections
 import csv
 import io
 import math
@@ -20,7 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qlora_pipeline.config import LoraParams, QuantizeParams, TrainParams
+from qlora_pipeline import checkpoints
+from qlora_pipeline.config import LoraParams, QuantizeParams, TrainParams, as_dict
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.quantization import (
     load_model,
@@ -34,7 +36,11 @@ STEP_LOG_FIELDS = ("step", "epoch", "loss", "learning_rate", "grad_norm", "token
 
 
 class TokenCountingCollator:
-    """trl's collator, counting the real (non-padding) and trained tokens that pass through it."""
+    """trl's collator, counting the real (non-padding), trained and padded tokens of each batch.
+
+    The data loader collates ahead of training, so a batch's counts wait in `pending` until the trainer
+    takes the batch (`count_next`): the totals are those of the batches trained on, which a checkpoint
+    can then record exactly."""
 
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 1):
         from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
@@ -42,51 +48,108 @@ class TokenCountingCollator:
         self.inner = DataCollatorForLanguageModeling(
             pad_token_id=pad_token_id, pad_to_multiple_of=pad_to_multiple_of if pad_to_multiple_of > 1 else None
         )
+        self.pending: collections.deque[tuple[int, int, int]] = collections.deque()
         self.real_tokens = 0
         self.trained_tokens = 0
         self.padded_tokens = 0
 
     def __call__(self, examples):
         batch = self.inner(examples)
-        self.real_tokens += int(batch["attention_mask"].sum())
-        self.padded_tokens += batch["input_ids"].numel()
-        self.trained_tokens += int((batch["labels"] != -100).sum())
+        self.pending.append((
+            int(batch["attention_mask"].sum()), int((batch["labels"] != -100).sum()), batch["input_ids"].numel()
+        ))
         return batch
 
+    def count_next(self) -> None:
+        real, trained, padded = self.pending.popleft()
+        self.real_tokens += real
+        self.trained_tokens += trained
+        self.padded_tokens += padded
 
-def _step_logger(collator: TokenCountingCollator, rows: list[dict]):
+
+class RunLog:
+    """What the pipeline itself keeps of a run: the step log, the loss sum, the token counts and the time
+    spent. It is saved in every checkpoint, so a resumed run reports the whole run, not its last part."""
+
+    def __init__(self, collator: TokenCountingCollator):
+        self.collator = collator
+        self.rows: list[dict] = []
+        self.loss_sum = 0.0           # sum over optimizer steps of each step's loss
+        self.last_logged_step = 0
+        self.seconds_before = 0.0     # training time spent before the latest resume
+        self.resumed_from_step = 0
+
+    def state(self, seconds: float) -> dict[str, Any]:
+        counts = {name: getattr(self.collator, name) for name in ("real_tokens", "trained_tokens", "padded_tokens")}
+        return {"rows": self.rows, "loss_sum": self.loss_sum, "last_logged_step": self.last_logged_step,
+                "seconds": seconds, "token_counts": counts}
+
+    def restore(self, state: dict[str, Any], step: int) -> None:
+        self.rows = state["rows"]
+        self.loss_sum = state["loss_sum"]
+        self.last_logged_step = state["last_logged_step"]
+        self.seconds_before = state["seconds"]
+        self.resumed_from_step = step
+        for name, count in state["token_counts"].items():
+            setattr(self.collator, name, count)
+
+
+def _run_log_callback(run_log: RunLog):
     from transformers import TrainerCallback
 
-    class StepLogger(TrainerCallback):
-        """Keeps one row per logged step: loss, learning rate, gradient norm, tokens seen, wall time."""
+    class RunLogCallback(TrainerCallback):
+        """Keeps one row per logged step (loss, learning rate, gradient norm, tokens seen, wall time) and
+        saves the run log into each checkpoint."""
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.start = time.perf_counter()
 
+        def elapsed(self) -> float:
+            return run_log.seconds_before + time.perf_counter() - self.start
+
+        def on_step_end(self, args, state, control, **kwargs):
+            # Log at every checkpoint and at the end, so the loss of every step reaches the run log
+            # (the Trainer forgets the loss of steps it has not logged when it resumes).
+            if control.should_save or state.global_step >= state.max_steps:
+                control.should_log = True
+            return control
+
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
-                rows.append({
+                run_log.loss_sum += logs["loss"] * (state.global_step - run_log.last_logged_step)
+                run_log.last_logged_step = state.global_step
+                run_log.rows.append({
                     "step": state.global_step,
                     "epoch": round(state.epoch or 0.0, 4),
                     "loss": round(logs["loss"], 6),
                     "learning_rate": logs.get("learning_rate"),
                     "grad_norm": round(float(logs["grad_norm"]), 6) if logs.get("grad_norm") is not None else None,
-                    "tokens": collator.real_tokens,
-                    "seconds": round(time.perf_counter() - self.start, 3),
+                    "tokens": run_log.collator.real_tokens,
+                    "seconds": round(self.elapsed(), 3),
                 })
 
-    return StepLogger()
+        def on_save(self, args, state, control, **kwargs):
+            checkpoint = Path(args.output_dir) / f"{checkpoints.PREFIX}{state.global_step}"
+            checkpoints.save_state(checkpoint, run_log.state(self.elapsed()))
+
+    return RunLogCallback()
 
 
-def sft_trainer_class(token_metrics: bool):
-    """trl's SFTTrainer, or (token_metrics false) one whose loss is trl's own fused-head loss without the
-    per-step entropy and token-accuracy metrics, whose `.item()` calls make every step wait for the GPU."""
+def sft_trainer_class(collator: TokenCountingCollator, token_metrics: bool):
+    """trl's SFTTrainer, telling `collator` of each batch it trains on. Without token_metrics, its loss is
+    trl's own fused-head loss without the per-step entropy and token-accuracy metrics, whose `.item()`
+    calls make every step wait for the GPU."""
     from trl import SFTTrainer
 
-    if token_metrics:
-        return SFTTrainer
+    class SFTTrainerCountingTokens(SFTTrainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            collator.count_next()
+            return super().training_step(model, inputs, num_items_in_batch)
 
-    class SFTTrainerWithoutTokenMetrics(SFTTrainer):
+    if token_metrics:
+        return SFTTrainerCountingTokens
+
+    class SFTTrainerWithoutTokenMetrics(SFTTrainerCountingTokens):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             import torch
 
@@ -156,6 +219,16 @@ def cache_dequantized_weights(model, compute_dtype, budget_mb: float) -> float:
     return round(size_mb, 1)
 
 
+# Train keys that change neither the arithmetic nor the data order: a run may resume under other values.
+_NOT_IN_RUN_IDENTITY = ("checkpoint_every_steps", "log_every_steps")
+
+
+def resume_params(quantize: QuantizeParams, lora: LoraParams, params: TrainParams, seed: int) -> dict[str, Any]:
+    """The params a checkpoint must share with the run that resumes from it."""
+    train = {k: v for k, v in as_dict(params).items() if k not in _NOT_IN_RUN_IDENTITY}
+    return {"seed": seed, "quantize": as_dict(quantize), "lora": as_dict(lora), "train": train}
+
+
 def peak_memory_mb(device: str) -> float:
     import torch
 
@@ -173,8 +246,13 @@ def train(
     lora: LoraParams,
     params: TrainParams,
     seed: int,
+    checkpoint_dir: Path | None = None,
 ) -> tuple[dict[str, Any], list[dict]]:
-    """Train a LoRA adapter on the 4-bit base; save it to `adapter_dir`; return metrics and the step log."""
+    """Train a LoRA adapter on the 4-bit base; save it to `adapter_dir`; return metrics and the step log.
+
+    With `train.checkpoint_every_steps` > 0, checkpoints go to `checkpoint_dir` and a run cut off earlier
+    continues from its last one (see checkpoints.py); the caller calls checkpoints.finish once the outputs
+    are in place."""
     import datasets
     import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
@@ -193,6 +271,14 @@ def train(
         # cuDNN's attention rebuilds its plan for every new sequence length: with per-batch padding
         # that costs more than the attention itself (DESIGN.md, measured on H200).
         torch.backends.cuda.enable_cudnn_sdp(params.sdpa_cudnn)
+    resume_from = None
+    if params.checkpoint_every_steps:
+        if checkpoint_dir is None:
+            raise ValueError("train.checkpoint_every_steps > 0 needs a checkpoint directory")
+        identity = checkpoints.run_identity(
+            resume_params(quantize, lora, params, seed), {"base_model": model_dir, "tokenized_data": tokenized_dir}
+        )
+        resume_from = checkpoints.prepare(checkpoint_dir, identity)
     set_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     train_set = datasets.load_from_disk(str(tokenized_dir / "train")).select_columns(["input_ids", "labels"])
@@ -212,12 +298,14 @@ def train(
     trainable, all_params = model.get_nb_trainable_parameters()
     optimizer = resolve_optimizer(params.optim, device, trainable)
 
-    # The trainer wants a directory of its own; nothing is saved there (checkpoints are off).
-    work_dir = tempfile.mkdtemp(prefix="qlora-trainer-")
+    # The trainer wants a directory of its own even when it saves no checkpoints.
+    work_dir = Path(tempfile.mkdtemp(prefix="qlora-trainer-"))
     collator = TokenCountingCollator(tokenizer.pad_token_id, params.pad_to_multiple_of)
-    step_rows: list[dict] = []
+    run_log = RunLog(collator)
+    if resume_from is not None:
+        run_log.restore(checkpoints.load_state(resume_from), int(resume_from.name.removeprefix(checkpoints.PREFIX)))
     config = SFTConfig(
-        output_dir=work_dir,
+        output_dir=str(checkpoint_dir if params.checkpoint_every_steps else work_dir),
         num_train_epochs=params.epochs,
         max_steps=params.max_steps,
         per_device_train_batch_size=micro_batch,
@@ -233,7 +321,8 @@ def train(
         fp16=compute_dtype == torch.float16,
         use_cpu=device == "cpu",
         logging_steps=params.log_every_steps,
-        save_strategy="no",
+        save_strategy="steps" if params.checkpoint_every_steps else "no",
+        save_steps=params.checkpoint_every_steps or None,
         report_to="none",
         seed=seed,
         data_seed=seed,
@@ -241,13 +330,13 @@ def train(
         remove_unused_columns=False,
         disable_tqdm=False,
     )
-    trainer = sft_trainer_class(params.token_metrics)(
+    trainer = sft_trainer_class(collator, params.token_metrics)(
         model=model,
         args=config,
         train_dataset=train_set,
         data_collator=collator,
         processing_class=tokenizer,
-        callbacks=[_step_logger(collator, step_rows)],
+        callbacks=[_run_log_callback(run_log)],
     )
     # trl casts the LoRA weights of a quantized model to bfloat16, whatever the device and compute dtype.
     # Keep them float32 (peft's default): the optimizer then updates full-precision master weights, and
@@ -257,9 +346,11 @@ def train(
             param.data = param.data.float()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    if resume_from is not None:
+        print(f"train: resuming from {resume_from}", file=sys.stderr)
     start = time.perf_counter()
     try:
-        result = trainer.train()
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
     seconds = time.perf_counter() - start
@@ -267,10 +358,13 @@ def train(
     tokenizer.save_pretrained(adapter_dir)
 
     steps = trainer.state.global_step
+    train_loss = run_log.loss_sum / max(steps, 1)
+    step_rows = run_log.rows
     metrics = {
-        "train_loss": round(result.training_loss, 6),
+        "train_loss": round(train_loss, 6),
         "final_step_loss": step_rows[-1]["loss"] if step_rows else None,
         "steps": steps,
+        "resumed_from_step": run_log.resumed_from_step,
         "epochs": round(trainer.state.epoch or 0.0, 4),
         "rows_per_step": rows_per_step,
         "micro_batch_size": micro_batch,
@@ -281,8 +375,8 @@ def train(
         "trained_tokens": collator.trained_tokens,
         "padded_tokens": collator.padded_tokens,
         "tokens_per_step": round(collator.real_tokens / max(steps, 1), 1),
-        "runtime_s": round(seconds, 2),
-        "real_tokens_per_s": round(collator.real_tokens / seconds, 1),
+        "runtime_s": round(run_log.seconds_before + seconds, 2),
+        "real_tokens_per_s": round(collator.real_tokens / (run_log.seconds_before + seconds), 1),
         "peak_memory_mb": peak_memory_mb(device),
         "peak_memory_kind": "cuda max allocated" if device == "cuda" else "process max RSS",
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
@@ -291,8 +385,8 @@ def train(
         "lora_trainable_params": trainable,
         "lora_trainable_percent": round(100 * trainable / all_params, 4),
     }
-    if not math.isfinite(result.training_loss):
-        print(f"warning: training loss is {result.training_loss}", file=sys.stderr)
+    if not math.isfinite(train_loss):
+        print(f"warning: training loss is {train_loss}", file=sys.stderr)
     return metrics, step_rows
 
 

@@ -1,0 +1,131 @@
+"""A train stage killed with SIGKILL resumes from its last checkpoint and ends exactly where an
+uninterrupted run ends (on the CPU: the same adapter bytes, the same step log and metrics but time)."""
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from conftest import make_project, run_stage, tiny_params
+
+# 8 train rows, 4 rows a step: 2 steps an epoch, 6 steps (3 epochs), checkpoints after steps 3 and 6;
+# step 3 is mid-epoch, so resuming must restore the data order and RNG state, not only the weights.
+RESUME_PARAMS = tiny_params(
+    subset={"train_size": 8, "eval_size": 4},
+    train={"max_steps": 6, "batch_size": 2, "grad_accum": 2, "checkpoint_every_steps": 3},
+)
+TIMING_KEYS = {"runtime_s", "real_tokens_per_s", "peak_memory_mb", "resumed_from_step"}
+
+
+@pytest.fixture(scope="module")
+def tokenized(tmp_path_factory):
+    """The resume project with every stage before train done; tests train in copies of it."""
+    project = make_project(tmp_path_factory.mktemp("tokenized") / "project", RESUME_PARAMS)
+    for script, *args in (("download.py", "model"), ("download.py", "data"), ("subset.py",), ("format.py",),
+                          ("tokenize_data.py",)):
+        run_stage(project, script, *args)
+    return project
+
+
+def copy_of(project, dest):
+    shutil.copytree(project, dest, symlinks=True)
+    return dest
+
+
+def kill_train_after(project, step):
+    """Start the train stage and SIGKILL it as soon as the checkpoint of `step` is complete."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    proc = subprocess.Popen([sys.executable, "stages/train.py"], cwd=project, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = project / f"checkpoints/train/checkpoint-{step}/pipeline_state.json"
+    while not marker.exists():
+        assert proc.poll() is None, "the stage finished before it could be killed"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def step_log(project):
+    with open(project / "metrics/train_log.csv") as fh:
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(fh)]
+
+
+def train_metrics(project):
+    metrics = json.loads((project / "metrics/train.json").read_text())
+    return {k: v for k, v in metrics.items() if k not in TIMING_KEYS}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tokenized, tmp_path_factory):
+    project = copy_of(tokenized, tmp_path_factory.mktemp("uninterrupted") / "project")
+    run_stage(project, "train.py")
+    return project
+
+
+def test_killed_train_resumes_to_the_same_adapter(tokenized, uninterrupted, tmp_path):
+    project = copy_of(tokenized, tmp_path / "project")
+    kill_train_after(project, 3)
+    checkpoints = project / "checkpoints/train"
+    assert not (project / "models/adapter").exists()
+    assert json.loads((checkpoints / "run.json").read_text())["status"] == "running"
+    # A checkpoint cut off while being written (no pipeline_state.json) must be ignored.
+    torn = checkpoints / "checkpoint-5"
+    torn.mkdir()
+    (torn / "adapter_model.safetensors").write_bytes(b"\0" * 100)
+
+    started = time.perf_counter()
+    result = run_stage(project, "train.py")
+    resumed_seconds = time.perf_counter() - started
+    assert "resuming from checkpoints/train/checkpoint-3" in result.stderr
+
+    adapter = "models/adapter/adapter_model.safetensors"
+    assert (project / adapter).read_bytes() == (uninterrupted / adapter).read_bytes()
+    assert step_log(project) == step_log(uninterrupted)
+    assert train_metrics(project) == train_metrics(uninterrupted)
+    assert json.loads((project / "metrics/train.json").read_text())["resumed_from_step"] == 3
+    # Done: only the record of the completed run is left, the same as after an uninterrupted run.
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["run.json"]
+    assert (checkpoints / "run.json").read_bytes() == (uninterrupted / "checkpoints/train/run.json").read_bytes()
+    print(f"resumed run: {resumed_seconds:.1f} s")
+
+
+def test_checkpoint_of_other_params_is_refused(tokenized, tmp_path):
+    project = copy_of(tokenized, tmp_path / "project")
+    kill_train_after(project, 3)
+    before = sorted(p.relative_to(project) for p in (project / "checkpoints").rglob("*"))
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"]["learning_rate"] = 1e-3
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    result = run_stage(project, "train.py", check=False)
+    assert result.returncode == 2
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: checkpoints/train/checkpoint-3 is from another run")
+    assert "'train.learning_rate' was 0.0005, is now 0.001" in message and "delete checkpoints/train" in message
+    assert sorted(p.relative_to(project) for p in (project / "checkpoints").rglob("*")) == before
+    assert not (project / "models/adapter").exists()
+
+    # A param that changes neither arithmetic nor data order may differ: the run resumes.
+    params["train"]["learning_rate"] = 5e-4
+    params["train"]["log_every_steps"] = 2
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert "resuming from checkpoints/train/checkpoint-3" in run_stage(project, "train.py").stderr
+
+
+def test_changed_data_makes_a_checkpoint_foreign(tokenized, tmp_path):
+    project = copy_of(tokenized, tmp_path / "project")
+    kill_train_after(project, 3)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["tokenize"]["train_on"] = "all"
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run_stage(project, "tokenize_data.py")
+    result = run_stage(project, "train.py", check=False)
+    assert result.returncode == 2
+    assert "is from another run (tokenized_data has changed)" in result.stderr
