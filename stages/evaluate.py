@@ -15,6 +15,7 @@ def main(params_path: str = "params.yaml") -> None:
     from qlora_pipeline.quantization import resolve_device
 
     params = load_params(params_path)
+    paths.require(paths.BASE_MODEL, paths.MERGED, paths.TOKENIZED, paths.FORMATTED)
     cfg = params.evaluate
     metrics, samples = evaluate(
         paths.BASE_MODEL, paths.MERGED, paths.TOKENIZED / "eval", outputs.read_jsonl(paths.FORMATTED / "eval.jsonl"),

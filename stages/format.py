@@ -14,6 +14,7 @@ def main(params_path: str = "params.yaml") -> None:
     from qlora_pipeline.prompts import format_rows
 
     params = load_params(params_path)
+    paths.require(paths.SUBSET)
     with outputs.atomic_dir(paths.FORMATTED) as out:
         for split in ("train", "eval"):
             rows = outputs.read_jsonl(paths.SUBSET / f"{split}.jsonl")

@@ -16,6 +16,7 @@ def main(params_path: str = "params.yaml") -> None:
     from qlora_pipeline.merging import merge, model_card
 
     params = load_params(params_path)
+    paths.require(paths.BASE_MODEL, paths.ADAPTER, paths.FORMATTED)
     with outputs.atomic_dir(paths.MERGED) as out:
         metrics = merge(paths.BASE_MODEL, paths.ADAPTER, paths.FORMATTED / "eval.jsonl", out, params.merge, params.quantize)
         base_record = json.loads((paths.BASE_MODEL / "source.json").read_text())

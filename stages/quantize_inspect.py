@@ -15,6 +15,7 @@ def main(params_path: str = "params.yaml") -> None:
     from qlora_pipeline.config import load_params
 
     params = load_params(params_path)
+    paths.require(paths.BASE_MODEL)
     device = quantization.resolve_device("auto")
     figures = quantization.inspect(paths.BASE_MODEL, params.quantize, params.lora, device)
     record = json.loads((paths.BASE_MODEL / "source.json").read_text())

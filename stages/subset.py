@@ -14,6 +14,7 @@ def main(params_path: str = "params.yaml") -> None:
     from qlora_pipeline.splits import make_subset
 
     params = load_params(params_path)
+    paths.require(paths.RAW_DATA)
     rows = outputs.read_jsonl(paths.RAW_DATA / "rows.jsonl")
     train, held_out = make_subset(rows, params.subset.train_size, params.subset.eval_size, params.seed)
     with outputs.atomic_dir(paths.SUBSET) as out:

@@ -17,6 +17,7 @@ def main(params_path: str = "params.yaml") -> None:
     from qlora_pipeline.tokenization import tokenize_split
 
     params = load_params(params_path)
+    paths.require(paths.BASE_MODEL, paths.FORMATTED)
     tokenizer = AutoTokenizer.from_pretrained(paths.BASE_MODEL)
     stats = {}
     with outputs.atomic_dir(paths.TOKENIZED) as out:

@@ -14,6 +14,7 @@ def main(params_path: str = "params.yaml") -> None:
     from qlora_pipeline.training import step_log_csv, train
 
     params = load_params(params_path)
+    paths.require(paths.BASE_MODEL, paths.TOKENIZED)
     with outputs.atomic_dir(paths.ADAPTER) as out:
         metrics, step_rows = train(
             paths.BASE_MODEL, paths.TOKENIZED, out, params.quantize, params.lora, params.train, params.seed,

@@ -57,9 +57,45 @@ def run_stage(project: Path, script: str, *args: str, check: bool = True) -> sub
     return result
 
 
+# A Hugging Face token as a user would export it: tests check that it never reaches a file or a log.
+FAKE_HF_TOKEN = "hf_FakeTokenForTests0123456789abcdefXYZ"
+
+
+def tool_env(**extra: str) -> dict:
+    """The environment for `dvc`, `git` and the stages' `python`: this environment's, whether or not it is
+    activated, offline, with a git identity and a (fake) Hugging Face token."""
+    path = f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"
+    return {**os.environ, "PATH": path, "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1",
+            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@localhost", "GIT_COMMITTER_NAME": "t",
+            "GIT_COMMITTER_EMAIL": "t@localhost", "HF_TOKEN": FAKE_HF_TOKEN, **extra}
+
+
+def sh(project: Path, *cmd: str, env: dict | None = None) -> str:
+    """Run a command in `project`; fail the test with its output if it fails; return its stdout."""
+    result = subprocess.run(cmd, cwd=project, env=env or tool_env(), capture_output=True, text=True)
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+    return result.stdout
+
+
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     return make_project(tmp_path / "project", tiny_params())
+
+
+# Every stage in pipeline order: script and arguments.
+STAGES = (
+    ("download.py", "model"), ("download.py", "data"), ("subset.py",), ("format.py",), ("tokenize_data.py",),
+    ("quantize_inspect.py",), ("train.py",), ("merge.py",), ("evaluate.py",),
+)
+
+
+@pytest.fixture(scope="session")
+def ran(tmp_path_factory) -> Path:
+    """The tiny project after every stage ran once, in order. Shared: tests copy it, never change it."""
+    project = make_project(tmp_path_factory.mktemp("stages"), tiny_params())
+    for script, *args in STAGES:
+        run_stage(project, script, *args)
+    return project
 
 
 @pytest.fixture(scope="session")
@@ -69,5 +105,5 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from qlora_pipeline.sources import fetch_model
 
     out = tmp_path_factory.mktemp("tiny-gpt2")
-    fetch_model(ModelParams("random", "tiny-gpt2", "main", False), 0, out)
+    fetch_model(ModelParams("random", "tiny-gpt2", "main", False, False), 0, out)
     return out

@@ -20,8 +20,8 @@ ROWS = [
 ]
 
 
-def local(path, columns=ALPACA_COLUMNS):
-    return DataParams("local", str(path), "main", columns)
+def local(path, columns=ALPACA_COLUMNS, duplicates="error"):
+    return DataParams("local", str(path), "main", columns, duplicates)
 
 
 def test_tasks_are_deterministic_unique_and_correct():
@@ -145,3 +145,12 @@ def test_tokenize_refuses_when_every_prompt_is_too_long():
     rows = [{"prompt": "p" * 40, "completion": "a"}]
     with pytest.raises(PipelineError, match="params key 'tokenize.max_length': all 1 prompts are 20 tokens or longer"):
         tokenize_split(byte_tokenizer(), rows, max_length=20, train_on="completion")
+
+
+def test_duplicate_rows_stop_or_are_dropped(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [*ROWS, ROWS[0], ROWS[1]]))
+    with pytest.raises(PipelineError, match=r"rows.jsonl row 3 repeats row 1 .*'data.duplicates' to drop"):
+        fetch_dataset(local(path))
+    rows, record = fetch_dataset(local(path, duplicates="drop"))
+    assert rows == ROWS and record["rows"] == 2 and record["duplicates_dropped"] == 2

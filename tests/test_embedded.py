@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def smollm2_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("smollm2")
-    record = fetch_model(ModelParams("embedded", "smollm2-135m-instruct", "main", False), 42, out)
+    record = fetch_model(ModelParams("embedded", "smollm2-135m-instruct", "main", False, False), 42, out)
     (out / "source.json").write_text(json.dumps(record))
     return out
 

@@ -3,24 +3,13 @@
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import yaml
 
-from conftest import make_project, tiny_params
+from conftest import FAKE_HF_TOKEN, make_project, sh, tiny_params, tool_env
 
 pytestmark = pytest.mark.slow
-
-
-def sh(project, *cmd):
-    # The stages' `python` and `dvc` itself are this environment's, whether or not it is activated.
-    path = f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"
-    env = {**os.environ, "PATH": path, "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1",
-           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@localhost", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@localhost"}
-    result = subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
-    return result.stdout
 
 
 def stages_to_run(project):
@@ -76,6 +65,11 @@ def test_repro_then_change_one_param(tmp_path):
     metrics = json.loads(sh(project, "dvc", "metrics", "show", "--json"))
     assert metrics, "dvc metrics show found no metrics"
 
+    # Every command ran with a Hugging Face token in its environment: no file of the project, its git
+    # history or its DVC cache holds it.
+    for file in [p for p in project.rglob("*") if p.is_file()]:
+        assert FAKE_HF_TOKEN.encode() not in file.read_bytes(), file
+
 
 def test_experiments_reuse_the_cache_and_compare(tmp_path):
     """`dvc exp run -S` reruns only what the changed params reach; a queued sweep runs with `dvc queue start`."""
@@ -118,9 +112,7 @@ def test_killed_repro_resumes_training(tmp_path):
     project = make_project(tmp_path / "project", params)
     sh(project, "git", "init", "-q")
     sh(project, "dvc", "init", "-q")
-    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}",
-           "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    repro = subprocess.Popen(["dvc", "repro"], cwd=project, env=env, start_new_session=True,
+    repro = subprocess.Popen(["dvc", "repro"], cwd=project, env=tool_env(), start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     marker = project / "checkpoints/train/checkpoint-2/pipeline_state.json"
     while not marker.exists():
@@ -129,7 +121,7 @@ def test_killed_repro_resumes_training(tmp_path):
     os.killpg(repro.pid, signal.SIGKILL)
     repro.wait()
 
-    result = subprocess.run(["dvc", "repro"], cwd=project, env=env, capture_output=True, text=True)
+    result = subprocess.run(["dvc", "repro"], cwd=project, env=tool_env(), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     ran = [line for line in result.stdout.splitlines() if line.startswith("Running stage")]
     assert ran == ["Running stage 'train':", "Running stage 'merge':", "Running stage 'evaluate':"]

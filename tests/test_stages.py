@@ -6,19 +6,7 @@ import shutil
 
 import pytest
 
-from conftest import make_project, run_stage, tiny_params
-
-
-@pytest.fixture(scope="module")
-def ran(tmp_path_factory):
-    """The tiny project after every stage ran once, in order."""
-    project = make_project(tmp_path_factory.mktemp("stages"), tiny_params())
-    for script, *args in (
-        ("download.py", "model"), ("download.py", "data"), ("subset.py",), ("format.py",), ("tokenize_data.py",),
-        ("quantize_inspect.py",), ("train.py",), ("merge.py",), ("evaluate.py",),
-    ):
-        run_stage(project, script, *args)
-    return project
+from conftest import FAKE_HF_TOKEN, make_project, run_stage, tiny_params
 
 
 def read_json(path):
@@ -152,6 +140,15 @@ def test_model_dir_with_only_pickle_weights_is_refused(tmp_path, tiny_model_dir)
     result = run_stage(project, "download.py", "model", check=False)
     assert result.returncode == 2
     assert "no safetensors weights (only pickle weights: pytorch_model.bin" in result.stderr
+    assert not (project / "models/base").exists()
+
+    # Allowed by the params: loaded with a warning, and models/base holds them as safetensors.
+    project = make_project(tmp_path / "q", tiny_params(model={"source": "local", "name": str(pickled), "allow_pickle": True}))
+    result = run_stage(project, "download.py", "model")
+    assert "warning: loading pickle weights pytorch_model.bin" in result.stderr
+    saved = load_file(project / "models/base/model.safetensors")
+    original = load_file(tiny_model_dir / "model.safetensors")
+    assert saved.keys() == original.keys() and all(torch.equal(saved[k], original[k]) for k in saved)
 
 
 def test_hub_sources_resolve_from_the_local_cache(tmp_path, tiny_model_dir):
@@ -173,14 +170,21 @@ def test_hub_sources_resolve_from_the_local_cache(tmp_path, tiny_model_dir):
     project = make_project(tmp_path / "p", params)
     import os
 
-    os.environ["HF_HOME"], saved = str(tmp_path / "hf"), os.environ.get("HF_HOME")
+    # A (fake) token in the environment, where the hub client reads it: it must not land anywhere.
+    fake_token = FAKE_HF_TOKEN
+    saved = {key: os.environ.get(key) for key in ("HF_HOME", "HF_TOKEN")}
+    os.environ.update(HF_HOME=str(tmp_path / "hf"), HF_TOKEN=fake_token)
     try:
-        run_stage(project, "download.py", "model")
-        run_stage(project, "download.py", "data")
+        logs = [run_stage(project, "download.py", "model"), run_stage(project, "download.py", "data")]
         missing = make_project(tmp_path / "q", tiny_params(model={"source": "hub", "name": "acme/absent"}))
         result = run_stage(missing, "download.py", "model", check=False)
     finally:
-        os.environ.pop("HF_HOME") if saved is None else os.environ.__setitem__("HF_HOME", saved)
+        for key, value in saved.items():
+            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+    for log in [*logs, result]:
+        assert fake_token not in log.stdout + log.stderr
+    for file in [p for p in project.rglob("*") if p.is_file()]:
+        assert fake_token.encode() not in file.read_bytes(), file
     model_record = read_json(project / "models/base/source.json")
     assert model_record["resolved_commit"] == commit_model and model_record["revision"] == "main"
     data_record = read_json(project / "data/raw/source.json")
@@ -221,6 +225,8 @@ def test_micro_batches_change_execution_not_what_is_optimized(ran, tmp_path):
     assert runs["one-pass"][0]["micro_batch_size"] == 8 and runs["two-passes"][0]["micro_batch_size"] == 4
     assert_same_steps(runs["one-pass"][1], runs["two-passes"][1], 1e-5, 1e-4)
     bad = make_project(tmp_path / "bad", tiny_params(train={"micro_batch_size": 3}))
+    for name in ("models/base", "data/tokenized"):
+        shutil.copytree(ran / name, bad / name)
     result = run_stage(bad, "train.py", check=False)
     assert result.returncode == 2
     assert "params key 'train.micro_batch_size': 3 does not divide the 8 rows of an optimizer step" in result.stderr

@@ -25,6 +25,7 @@ class ModelParams:
     name: str
     revision: str
     trust_remote_code: bool
+    allow_pickle: bool
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class DataParams:
     name: str
     revision: str
     columns: dict[str, str]
+    duplicates: Literal["error", "drop"]
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,7 @@ RANDOM_CONFIGS: dict[str, dict[str, Any]] = {
 RANDOM_TOKENIZERS = {"distilgpt2": "embedded", "tiny-gpt2": "bytes", "tiny-llama": "bytes"}
 
 _WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]
+_PICKLE_PATTERNS = ["*.bin", "*.pt", "*.pth"]  # torch pickles: loading them can run code
 _DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 
 
@@ -125,15 +127,25 @@ def _load_random(name: str, seed: int):
     return model, tokenizer
 
 
-def _check_weights_dir(path: Path) -> None:
+def _check_weights_dir(path: Path, allow_pickle: bool) -> bool:
+    """Check a model directory; return True when its weights are pickle files (allowed by the params)."""
     if not (path / "config.json").is_file():
         raise PipelineError(f"model directory {path}: no config.json")
-    if not any(path.glob("*.safetensors")):
-        pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
-        detail = f" (only pickle weights: {', '.join(pickles)}; convert them to safetensors)" if pickles else ""
-        raise PipelineError(f"model directory {path}: no safetensors weights{detail}")
     if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         raise PipelineError(f"model directory {path}: no tokenizer files")
+    if any(path.glob("*.safetensors")):
+        return False
+    pickles = sorted(p.name for pattern in _PICKLE_PATTERNS for p in path.glob(pattern))
+    if not pickles:
+        raise PipelineError(f"model directory {path}: no weights (no *.safetensors file)")
+    if not allow_pickle:
+        raise PipelineError(
+            f"model directory {path}: no safetensors weights (only pickle weights: {', '.join(pickles)}; convert "
+            "them to safetensors, or set params key 'model.allow_pickle' if you trust their source)"
+        )
+    print(f"warning: loading pickle weights {', '.join(pickles)} from {path} (params key 'model.allow_pickle'); "
+          "models/base gets them as safetensors", file=sys.stderr)
+    return True
 
 
 def _hub_snapshot(name: str, revision: str, repo_type: str, patterns: list[str] | None) -> tuple[Path, str]:
@@ -150,15 +162,15 @@ def _hub_snapshot(name: str, revision: str, repo_type: str, patterns: list[str] 
     return path, path.name
 
 
-def _load_dir(path: Path, trust_remote_code: bool):
+def _load_dir(path: Path, params: ModelParams):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    _check_weights_dir(path)
+    pickled = _check_weights_dir(path, params.allow_pickle)
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
+        path, dtype=torch.float32, use_safetensors=not pickled, trust_remote_code=params.trust_remote_code
     )
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=params.trust_remote_code)
     return model, tokenizer
 
 
@@ -175,11 +187,12 @@ def fetch_model(params: ModelParams, seed: int, out_dir: Path) -> dict[str, Any]
         path = Path(params.name)
         if not path.is_dir():
             raise PipelineError(f"params key 'model.name': local model directory {path} does not exist")
-        model, tokenizer = _load_dir(path, params.trust_remote_code)
+        model, tokenizer = _load_dir(path, params)
     else:
-        path, commit = _hub_snapshot(params.name, params.revision, "model", _WEIGHT_PATTERNS)
+        patterns = _WEIGHT_PATTERNS + (_PICKLE_PATTERNS if params.allow_pickle else [])
+        path, commit = _hub_snapshot(params.name, params.revision, "model", patterns)
         record.update(revision=params.revision, resolved_commit=commit)
-        model, tokenizer = _load_dir(path, params.trust_remote_code)
+        model, tokenizer = _load_dir(path, params)
     if tokenizer.pad_token is None:
         # Padding positions are masked out of attention and loss, so any id serves; EOS stays a real
         # label at the end of every answer, never replaced by padding.
@@ -291,8 +304,35 @@ def fetch_dataset(params: DataParams) -> tuple[list[dict[str, str]], dict[str, A
         if not files:
             raise PipelineError(f"dataset {params.name!r} at {commit}: no JSON, JSONL, CSV or Parquet files")
         record["files"] = [str(p.relative_to(path)) for p in files]
-    rows = []
+    rows, origins = [], []
     for file in files:
-        rows.extend(normalize_rows(_read_table(file), params.columns, str(file.name if params.source == "hub" else file)))
+        where = str(file.name if params.source == "hub" else file)
+        file_rows = normalize_rows(_read_table(file), params.columns, where)
+        rows.extend(file_rows)
+        origins.extend((where, index + 1) for index in range(len(file_rows)))
+    rows, record["duplicates_dropped"] = drop_duplicates(rows, origins, params.duplicates)
     record["rows"] = len(rows)
     return rows, record
+
+
+def drop_duplicates(
+    rows: list[dict[str, str]], origins: list[tuple[str, int]], policy: str
+) -> tuple[list[dict[str, str]], int]:
+    """Rows that repeat an earlier one would be trained on twice, or land in both the train and the eval
+    split: stop naming them (`error`), or keep the first of each (`drop`)."""
+    first_seen: dict[tuple[str, str, str], int] = {}
+    kept = []
+    for index, row in enumerate(rows):
+        key = (row["instruction"], row["input"], row["output"])
+        if key in first_seen:
+            if policy == "error":
+                (file, row), (first_file, first_row) = origins[index], origins[first_seen[key]]
+                earlier = f"row {first_row}" if first_file == file else f"{first_file} row {first_row}"
+                raise PipelineError(
+                    f"{file} row {row} repeats {earlier} (same instruction, input and output); "
+                    "remove it, or set params key 'data.duplicates' to drop"
+                )
+            continue
+        first_seen[key] = index
+        kept.append(row)
+    return kept, len(rows) - len(kept)
