@@ -1,21 +1,54 @@
 """Stage train: QLoRA fine-tuning (4-bit base, LoRA adapter, trl's SFTTrainer).
 
     python stages/train.py   # models/base + data/tokenized -> models/adapter, metrics/train.json, metrics/train_log.csv, checkpoints/train
+
+With train.num_processes > 1 the stage relaunches itself through torchrun, one process per GPU (gloo
+on the CPU): `python -m torch.distributed.run --standalone --nproc_per_node N stages/train.py`.
+Launching it that way by hand works too; only the first process writes outputs.
 """
 
 import argparse
+import os
+import subprocess
+import sys
 
-from qlora_pipeline.errors import run_stage
+from qlora_pipeline.errors import PipelineError, run_stage
+
+
+def launch(num_processes: int, params_path: str) -> None:
+    """Run this stage in `num_processes` processes through torchrun; stop as they stop."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={num_processes}",
+               __file__, "--params", params_path]
+    print(f"train: launching {num_processes} processes: {' '.join(command[1:])}", flush=True)
+    code = subprocess.run(command, check=False).returncode
+    if code:
+        raise PipelineError(f"train: the {num_processes} training processes failed (exit status {code}); "
+                            "their errors are above")
 
 
 def main(params_path: str = "params.yaml") -> None:
     from qlora_pipeline import checkpoints, outputs, paths
     from qlora_pipeline.config import as_dict, load_params
-    from qlora_pipeline.training import step_log_csv, train
+    from qlora_pipeline.quantization import resolve_device
+    from qlora_pipeline.training import execution_plan, step_log_csv, train, world
 
     params = load_params(params_path)
     paths.require(paths.BASE_MODEL, paths.TOKENIZED)
-    with outputs.atomic_dir(paths.ADAPTER) as out:
+    num_processes = params.train.num_processes
+    if num_processes > 1 and "WORLD_SIZE" not in os.environ:
+        # Check what can be checked before starting the processes, so bad params give one line.
+        execution_plan(params.train, num_processes)
+        if resolve_device(params.train.device) == "cuda":
+            import torch
+
+            if torch.cuda.device_count() < num_processes:
+                raise PipelineError(f"params key 'train.num_processes': {num_processes} processes need "
+                                    f"{num_processes} GPUs, this machine has {torch.cuda.device_count()}")
+        launch(num_processes, params_path)
+        return
+
+    main_process = world()[1] == 0
+    with outputs.atomic_dir(paths.ADAPTER) if main_process else outputs.discarded_dir() as out:
         metrics, step_rows = train(
             paths.BASE_MODEL, paths.TOKENIZED, out, params.quantize, params.lora, params.train, params.seed,
             checkpoint_dir=paths.CHECKPOINTS,
@@ -23,6 +56,8 @@ def main(params_path: str = "params.yaml") -> None:
         # The resolved config beside the checkpoint: what produced this adapter.
         resolved = {key: as_dict(getattr(params, key)) for key in ("quantize", "lora", "train")}
         outputs.write_json(out / "training_params.json", {"seed": params.seed, **resolved})
+    if not main_process:
+        return
     outputs.write_text(paths.METRICS / "train_log.csv", step_log_csv(step_rows))
     outputs.write_json(paths.METRICS / "train.json", metrics)
     # Only now that every output is in place are the checkpoints of this run no longer needed.

@@ -71,15 +71,17 @@ def is_complete(checkpoint: Path) -> bool:
     return (checkpoint / STATE_FILE).is_file()
 
 
-def prepare(directory: Path, identity: dict[str, Any]) -> Path | None:
+def prepare(directory: Path, identity: dict[str, Any], write: bool = True) -> Path | None:
     """Return the checkpoint to resume from (None: start from step 0) and mark `directory` as this run's.
 
-    Checkpoints cut off while being saved are removed; checkpoints of another run stop the stage."""
+    Checkpoints cut off while being saved are ignored (and removed); checkpoints of another run stop the
+    stage. In a distributed run every process calls this, and only the main one writes (`write`)."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    for torn in [c for c in _checkpoints(directory) if not is_complete(c)]:
-        shutil.rmtree(torn)
-    complete = _checkpoints(directory)
+    if write:
+        directory.mkdir(parents=True, exist_ok=True)
+        for torn in [c for c in _checkpoints(directory) if not is_complete(c)]:
+            shutil.rmtree(torn)
+    complete = [c for c in _checkpoints(directory) if is_complete(c)] if directory.is_dir() else []
     run_file = directory / RUN_FILE
     if complete:
         if not run_file.is_file():
@@ -92,7 +94,8 @@ def prepare(directory: Path, identity: dict[str, Any]) -> Path | None:
                 f"{complete[-1]} is from another run ({_difference(saved.get('identity', {}), identity)}); "
                 f"finish that run with its params, or delete {directory} to start this one over"
             )
-    outputs.write_json(run_file, {"status": "running", "identity": identity})
+    if write:
+        outputs.write_json(run_file, {"status": "running", "identity": identity})
     return complete[-1] if complete else None
 
 

@@ -41,6 +41,14 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(tmp)
 
 
+@contextlib.contextmanager
+def discarded_dir() -> Iterator[Path]:
+    """A temporary directory removed afterwards: where a process that must not write outputs (any but the
+    first of a distributed run) writes what the code writes."""
+    with tempfile.TemporaryDirectory(prefix="qlora-discarded-") as tmp:
+        yield Path(tmp)
+
+
 def write_text(path: str | Path, text: str) -> None:
     """Write a file atomically (temporary file, fsync, rename)."""
     path = Path(path)

@@ -33,7 +33,7 @@ def resolve_compute_dtype(quantize: QuantizeParams, device: str):
 
     if quantize.compute_dtype != "auto":
         return getattr(torch, quantize.compute_dtype)
-    if device == "cuda":
+    if device.startswith("cuda"):
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
 

@@ -13,6 +13,7 @@ import collections
 import csv
 import io
 import math
+import os
 import resource
 import shutil
 import sys
@@ -79,10 +80,15 @@ class RunLog:
         self.seconds_before = 0.0     # training time spent before the latest resume
         self.resumed_from_step = 0
 
+    COUNTS = ("real_tokens", "trained_tokens", "padded_tokens")
+
+    def token_counts(self) -> dict[str, int]:
+        """Tokens trained on so far, by all processes (a collective call in a distributed run)."""
+        return dict(zip(self.COUNTS, _summed_over_processes([getattr(self.collator, n) for n in self.COUNTS])))
+
     def state(self, seconds: float) -> dict[str, Any]:
-        counts = {name: getattr(self.collator, name) for name in ("real_tokens", "trained_tokens", "padded_tokens")}
         return {"rows": self.rows, "loss_sum": self.loss_sum, "last_logged_step": self.last_logged_step,
-                "seconds": seconds, "token_counts": counts}
+                "seconds": seconds, "token_counts": self.token_counts()}
 
     def restore(self, state: dict[str, Any], step: int) -> None:
         self.rows = state["rows"]
@@ -90,8 +96,10 @@ class RunLog:
         self.last_logged_step = state["last_logged_step"]
         self.seconds_before = state["seconds"]
         self.resumed_from_step = step
-        for name, count in state["token_counts"].items():
-            setattr(self.collator, name, count)
+        # The saved counts are totals over all processes: one process carries them on, the others add theirs.
+        if world()[1] == 0:
+            for name, count in state["token_counts"].items():
+                setattr(self.collator, name, count)
 
 
 def _run_log_callback(run_log: RunLog):
@@ -124,13 +132,17 @@ def _run_log_callback(run_log: RunLog):
                     "loss": round(logs["loss"], 6),
                     "learning_rate": logs.get("learning_rate"),
                     "grad_norm": round(float(logs["grad_norm"]), 6) if logs.get("grad_norm") is not None else None,
-                    "tokens": run_log.collator.real_tokens,
+                    "tokens": run_log.token_counts()["real_tokens"],
                     "seconds": round(self.elapsed(), 3),
                 })
 
         def on_save(self, args, state, control, **kwargs):
-            checkpoint = Path(args.output_dir) / f"{checkpoints.PREFIX}{state.global_step}"
-            checkpoints.save_state(checkpoint, run_log.state(self.elapsed()))
+            # Every process takes part (the token counts are summed over processes), so every process has
+            # finished writing its part of the checkpoint before the main one marks it complete.
+            run_state = run_log.state(self.elapsed())
+            if state.is_world_process_zero:
+                checkpoint = Path(args.output_dir) / f"{checkpoints.PREFIX}{state.global_step}"
+                checkpoints.save_state(checkpoint, run_state)
 
     return RunLogCallback()
 
@@ -161,6 +173,43 @@ def sft_trainer_class(collator: TokenCountingCollator, token_metrics: bool):
             return (loss, outputs) if return_outputs else loss
 
     return SFTTrainerWithoutTokenMetrics
+
+
+def world() -> tuple[int, int, int]:
+    """(world size, rank, local rank) of this process, as torchrun and accelerate set them."""
+    return int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def execution_plan(params: TrainParams, num_processes: int) -> tuple[int, int]:
+    """(rows a forward pass, forward passes an optimizer step) in each process, so that every optimizer
+    step takes train.batch_size x train.grad_accum rows whatever the number of processes."""
+    rows_per_step = params.batch_size * params.grad_accum
+    if rows_per_step % num_processes:
+        raise PipelineError(
+            f"params key 'train.num_processes': {num_processes} processes cannot share the {rows_per_step} rows "
+            "of an optimizer step evenly (train.batch_size x train.grad_accum)"
+        )
+    rows_per_process = rows_per_step // num_processes
+    micro_batch = rows_per_process if params.micro_batch_size == "auto" else min(params.micro_batch_size, rows_per_process)
+    if rows_per_process % micro_batch:
+        raise PipelineError(
+            f"params key 'train.micro_batch_size': {micro_batch} does not divide the {rows_per_process} rows "
+            f"of an optimizer step{' in each process' if num_processes > 1 else ''}"
+        )
+    return micro_batch, rows_per_process // micro_batch
+
+
+def _summed_over_processes(values: list[int]) -> list[int]:
+    """`values` added up over all processes of a distributed run (unchanged in a single process)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    device = f"cuda:{world()[2]}" if dist.get_backend() == "nccl" else "cpu"
+    tensor = torch.tensor(values, dtype=torch.int64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
 
 
 def resolve_optimizer(name: str, device: str, trainable_params: int) -> str:
@@ -261,12 +310,15 @@ def train(
 
     device = resolve_device(params.device)
     compute_dtype = resolve_compute_dtype(quantize, device)
-    rows_per_step = params.batch_size * params.grad_accum
-    micro_batch = rows_per_step if params.micro_batch_size == "auto" else params.micro_batch_size
-    if rows_per_step % micro_batch:
+    num_processes, rank, local_rank = world()
+    if num_processes != params.num_processes:
         raise PipelineError(
-            f"params key 'train.micro_batch_size': {micro_batch} does not divide the {rows_per_step} rows of an optimizer step"
+            f"params key 'train.num_processes' is {params.num_processes} but the stage runs in {num_processes} processes"
         )
+    rows_per_step = params.batch_size * params.grad_accum
+    micro_batch, passes_per_step = execution_plan(params, num_processes)
+    # Each process holds its own 4-bit copy of the model on its own GPU.
+    placement = f"cuda:{local_rank}" if device == "cuda" and num_processes > 1 else device
     if device == "cuda":
         # cuDNN's attention rebuilds its plan for every new sequence length: with per-batch padding
         # that costs more than the attention itself (DESIGN.md, measured on H200).
@@ -278,12 +330,14 @@ def train(
         identity = checkpoints.run_identity(
             resume_params(quantize, lora, params, seed), {"base_model": model_dir, "tokenized_data": tokenized_dir}
         )
-        resume_from = checkpoints.prepare(checkpoint_dir, identity)
+        resume_from = checkpoints.prepare(checkpoint_dir, identity, write=rank == 0)
     set_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     train_set = datasets.load_from_disk(str(tokenized_dir / "train")).select_columns(["input_ids", "labels"])
 
-    model = load_model(model_dir, quantize, device, compute_dtype)
+    if placement != device:
+        torch.cuda.set_device(placement)
+    model = load_model(model_dir, quantize, placement, compute_dtype)
     if params.fused_activation:
         fuse_activations(model)
     dequantized_mb = cache_dequantized_weights(model, compute_dtype, params.dequantized_cache_mb) if quantize.load_in_4bit else 0.0
@@ -309,7 +363,7 @@ def train(
         num_train_epochs=params.epochs,
         max_steps=params.max_steps,
         per_device_train_batch_size=micro_batch,
-        gradient_accumulation_steps=rows_per_step // micro_batch,
+        gradient_accumulation_steps=passes_per_step,
         learning_rate=params.learning_rate,
         lr_scheduler_type=params.lr_scheduler,
         warmup_steps=params.warmup_ratio,  # a float < 1 is a fraction of the total steps
@@ -320,6 +374,8 @@ def train(
         bf16=compute_dtype == torch.bfloat16,
         fp16=compute_dtype == torch.float16,
         use_cpu=device == "cpu",
+        ddp_backend=("gloo" if device == "cpu" else "nccl") if num_processes > 1 else None,
+        ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient every step
         logging_steps=params.log_every_steps,
         save_strategy="steps" if params.checkpoint_every_steps else "no",
         save_steps=params.checkpoint_every_steps or None,
@@ -354,8 +410,10 @@ def train(
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
     seconds = time.perf_counter() - start
-    model.save_pretrained(adapter_dir)
-    tokenizer.save_pretrained(adapter_dir)
+    counts = run_log.token_counts()
+    if rank == 0:
+        model.save_pretrained(adapter_dir)
+        tokenizer.save_pretrained(adapter_dir)
 
     steps = trainer.state.global_step
     train_loss = run_log.loss_sum / max(steps, 1)
@@ -367,18 +425,21 @@ def train(
         "resumed_from_step": run_log.resumed_from_step,
         "epochs": round(trainer.state.epoch or 0.0, 4),
         "rows_per_step": rows_per_step,
+        "num_processes": num_processes,
         "micro_batch_size": micro_batch,
+        "passes_per_step": passes_per_step,
         "optimizer": optimizer,
         "dequantized_cache_mb": dequantized_mb,
         "train_rows": len(train_set),
-        "real_tokens": collator.real_tokens,
-        "trained_tokens": collator.trained_tokens,
-        "padded_tokens": collator.padded_tokens,
-        "tokens_per_step": round(collator.real_tokens / max(steps, 1), 1),
+        "real_tokens": counts["real_tokens"],
+        "trained_tokens": counts["trained_tokens"],
+        "padded_tokens": counts["padded_tokens"],
+        "tokens_per_step": round(counts["real_tokens"] / max(steps, 1), 1),
         "runtime_s": round(run_log.seconds_before + seconds, 2),
-        "real_tokens_per_s": round(collator.real_tokens / (run_log.seconds_before + seconds), 1),
+        "real_tokens_per_s": round(counts["real_tokens"] / (run_log.seconds_before + seconds), 1),
         "peak_memory_mb": peak_memory_mb(device),
-        "peak_memory_kind": "cuda max allocated" if device == "cuda" else "process max RSS",
+        "peak_memory_kind": ("cuda max allocated" if device == "cuda" else "process max RSS")
+        + (" (first process)" if num_processes > 1 else ""),
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "compute_dtype": str(compute_dtype).removeprefix("torch."),
         "lora_target_modules": targets,

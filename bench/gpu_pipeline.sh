@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The whole pipeline on a GPU, stage by stage, with the commands dvc.yaml gives (no DVC: the GPU machine
+# lacks it): the tutorial profile with distilgpt2-shaped random weights and ../shared/data/alpaca_sample_1k.json.
+#   bash bench/gpu_pipeline.sh DATA_JSON OUT_DIR
+set -euo pipefail
+data=$(realpath "$1"); out=$(realpath -m "$2"); mkdir -p "$out"
+work=$(mktemp -d); cp -r dvc.yaml stages src "$work/"
+python3 - "$data" "$work/params.yaml" <<'PY'
+import sys, yaml
+params = yaml.safe_load(open("profiles/tutorial.yaml"))
+params["model"].update(source="random", name="distilgpt2")
+params["data"].update(source="local", name=sys.argv[1], duplicates="drop")
+params["subset"].update(train_size=885, eval_size=100)   # 985 distinct rows in the sample
+yaml.safe_dump(params, open(sys.argv[2], "w"), sort_keys=False)
+PY
+cd "$work"
+total_start=$(date +%s.%N)
+for stage in "download.py model" "download.py data" subset.py format.py tokenize_data.py quantize_inspect.py train.py merge.py evaluate.py; do
+  start=$(date +%s.%N)
+  python3 stages/$stage > "$out/stage.log" 2>&1 || { tail -20 "$out/stage.log"; exit 1; }
+  printf '%-22s %6.1f s   %s\n' "$stage" "$(echo "$(date +%s.%N) - $start" | bc)" "$(tail -1 "$out/stage.log")" | tee -a "$out/gpu_pipeline.txt"
+done
+printf '%-22s %6.1f s\n' "whole pipeline" "$(echo "$(date +%s.%N) - $total_start" | bc)" | tee -a "$out/gpu_pipeline.txt"
+cp metrics/train.json "$out/gpu_pipeline_train.json"; cp metrics/eval.json "$out/gpu_pipeline_eval.json"
