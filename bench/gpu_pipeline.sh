@@ -18,7 +18,7 @@ total_start=$(date +%s.%N)
 for stage in "download.py model" "download.py data" subset.py format.py tokenize_data.py quantize_inspect.py train.py merge.py evaluate.py; do
   start=$(date +%s.%N)
   python3 stages/$stage > "$out/stage.log" 2>&1 || { tail -20 "$out/stage.log"; exit 1; }
-  printf '%-22s %6.1f s   %s\n' "$stage" "$(echo "$(date +%s.%N) - $start" | bc)" "$(tail -1 "$out/stage.log")" | tee -a "$out/gpu_pipeline.txt"
+  printf '%-22s %6.1f s   %s\n' "$stage" "$(awk "BEGIN {print $(date +%s.%N) - $start}")" "$(tail -1 "$out/stage.log")" | tee -a "$out/gpu_pipeline.txt"
 done
-printf '%-22s %6.1f s\n' "whole pipeline" "$(echo "$(date +%s.%N) - $total_start" | bc)" | tee -a "$out/gpu_pipeline.txt"
+printf '%-22s %6.1f s\n' "whole pipeline" "$(awk "BEGIN {print $(date +%s.%N) - $total_start}")" | tee -a "$out/gpu_pipeline.txt"
 cp metrics/train.json "$out/gpu_pipeline_train.json"; cp metrics/eval.json "$out/gpu_pipeline_eval.json"
