@@ -1,14 +1,22 @@
 #!/usr/bin/env bash
 # The whole pipeline on a GPU, stage by stage, with the commands dvc.yaml gives (no DVC: the GPU machine
 # lacks it): the tutorial profile with distilgpt2-shaped random weights and ../shared/data/alpaca_sample_1k.json.
-#   bash bench/gpu_pipeline.sh DATA_JSON OUT_DIR
+# The model is a local directory (random distilgpt2 + the embedded model's tokenizer files, as
+# model.source: random makes it), since the embedded model's package is too large to send to the GPU machine.
+#   bash bench/gpu_pipeline.sh DATA_JSON TOKENIZER_DIR OUT_DIR
 set -euo pipefail
-data=$(realpath "$1"); out=$(realpath -m "$2"); mkdir -p "$out"
+data=$(realpath "$1"); tokenizer=$(realpath "$2"); out=$(realpath -m "$3"); mkdir -p "$out"
 work=$(mktemp -d); cp -r dvc.yaml stages src "$work/"
-python3 - "$data" "$work/params.yaml" <<'PY'
-import sys, yaml
+python3 - "$data" "$work/params.yaml" "$tokenizer" "$work/random-distilgpt2" <<'PY'
+import sys, yaml, torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from qlora_pipeline.sources import RANDOM_CONFIGS
 params = yaml.safe_load(open("profiles/tutorial.yaml"))
-params["model"].update(source="random", name="distilgpt2")
+spec = dict(RANDOM_CONFIGS["distilgpt2"])
+torch.manual_seed(params["seed"])
+AutoModelForCausalLM.from_config(AutoConfig.for_model(spec.pop("model_type"), **spec)).save_pretrained(sys.argv[4])
+AutoTokenizer.from_pretrained(sys.argv[3]).save_pretrained(sys.argv[4])
+params["model"].update(source="local", name=sys.argv[4])
 params["data"].update(source="local", name=sys.argv[1], duplicates="drop")
 params["subset"].update(train_size=885, eval_size=100)   # 985 distinct rows in the sample
 yaml.safe_dump(params, open(sys.argv[2], "w"), sort_keys=False)

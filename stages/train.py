@@ -35,6 +35,11 @@ def main(params_path: str = "params.yaml") -> None:
     params = load_params(params_path)
     paths.require(paths.BASE_MODEL, paths.TOKENIZED)
     num_processes = params.train.num_processes
+    if num_processes == 1 and "WORLD_SIZE" not in os.environ:
+        # One process trains on one GPU, the first visible: with more visible, the Trainer would spread
+        # each batch over them with nn.DataParallel. (Set before anything initializes CUDA.)
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible.split(",")[0] if visible else "0"
     if num_processes > 1 and "WORLD_SIZE" not in os.environ:
         # Check what can be checked before starting the processes, so bad params give one line.
         execution_plan(params.train, num_processes)
