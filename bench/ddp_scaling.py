@@ -78,11 +78,14 @@ def main(args: argparse.Namespace) -> None:
         (shutil.copytree if (ROOT / name).is_dir() else shutil.copy)(ROOT / name, project / name)
     params = deep_update(yaml.safe_load((ROOT / "params.yaml").read_text()), {
         "data": {"source": "local", "name": str(Path(args.data).resolve()), "duplicates": "drop"},
-        "subset": {"train_size": args.rows_per_step * args.steps, "eval_size": 16},
+        # The sample holds 985 distinct rows: longer runs take more than one epoch of 960.
+        "subset": {"train_size": min(args.rows_per_step * args.steps, 960), "eval_size": 16},
         "tokenize": {"max_length": 512},
         "lora": {"dropout": 0.0},  # dropout masks come from each process's random stream: off, runs compare exactly
         "train": {"batch_size": args.rows_per_step, "grad_accum": 1, "max_steps": args.steps,
-                  "checkpoint_every_steps": 0, "device": "cpu" if args.smoke else "cuda"},
+                  "micro_batch_size": args.micro_batch or "auto",
+                  "checkpoint_every_steps": 0, "device": "cpu" if args.smoke else "cuda",
+                  "dequantized_cache_mb": args.dequantized_cache_mb},
     })
     write_params(project, params)
 
@@ -127,7 +130,7 @@ def main(args: argparse.Namespace) -> None:
         r["max_abs_adapter_diff_vs_first_1gpu_run"] = adapter_difference(adapters[(1, 0)], adapters[(r["gpus"], r["repeat"] - 1)])
 
     print(f"\nmodel: Llama-shaped, {n_params / 1e9:.2f} B parameters, 4-bit NF4 + LoRA; {args.rows_per_step} rows a step, "
-          f"{args.steps} steps; throughput after step {args.warmup}")
+          f"{args.steps} steps; dequantized cache {args.dequantized_cache_mb} MiB; throughput after step {args.warmup}")
     print(f"{'GPUs':>4} {'run':>3} {'rows/pass/GPU':>13} {'tokens/s':>9} {'steady tok/s':>12} {'speed-up':>8} "
           f"{'efficiency':>10} {'train loss':>10} {'peak MiB':>9} {'max |Δw| vs 1st':>16}")
     for r in results:
@@ -141,6 +144,7 @@ def main(args: argparse.Namespace) -> None:
         "gpu": gpu, "gpus_on_host": torch.cuda.device_count(), "host": platform.node(), "cpus": os.cpu_count(),
         "python": platform.python_version(), "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "model": {"architecture": "llama", "parameters": n_params, **LLAMA_1B},
+        "dequantized_cache_mb": args.dequantized_cache_mb,
         "data": Path(args.data).name, "rows_per_step": args.rows_per_step, "steps": args.steps, "warmup_steps": args.warmup,
         "results": results,
     }
@@ -163,5 +167,9 @@ if __name__ == "__main__":
     parser.add_argument("--repeat", type=int, default=2, help="runs on one GPU (two: how far identical GPU runs differ)")
     parser.add_argument("--work", default="/tmp/ddp-scaling")
     parser.add_argument("--out", default=str(ROOT / "bench/results"))
+    parser.add_argument("--micro-batch", type=int, default=None,
+                        help="train.micro_batch_size: at most this many rows a pass on each GPU (default: auto, all)")
+    parser.add_argument("--dequantized-cache-mb", type=float, default=1024,
+                        help="train.dequantized_cache_mb (params.yaml's default: 1024, too small to cache this model)")
     parser.add_argument("--smoke", action="store_true", help="a 2-layer model on the CPU (gloo): checks the script only")
     main(parser.parse_args())
