@@ -135,7 +135,9 @@ def main(args: argparse.Namespace) -> None:
     work.mkdir(parents=True, exist_ok=True)
     base_params = yaml.safe_load((ROOT / "profiles" / "tutorial.yaml").read_text())
     base_params = deep_update(base_params, {"model": {"source": "random", "name": "distilgpt2"},
-                                            "train": {"epochs": args.epochs, "device": device}})
+                                            "train": {"epochs": args.epochs, "device": device,
+                                                      # the reference neither evaluates nor saves while training
+                                                      "eval_every_steps": 0, "checkpoint_every_steps": 0}})
     params = parse_params(base_params)
 
     # The same random start for every run: distilgpt2's exact config, seed 42, saved once.
@@ -168,7 +170,7 @@ def main(args: argparse.Namespace) -> None:
         for seed in args.seeds:
             variant_params = parse_params(deep_update(base_params, {"seed": seed, "train": VARIANTS[name]}))
             adapter = work / f"adapter-{name}-{seed}"
-            metrics, _ = train(model_dir, tokenized, adapter, variant_params.quantize, variant_params.lora,
+            metrics, *_ = train(model_dir, tokenized, adapter, variant_params.quantize, variant_params.lora,
                                variant_params.train, seed)
             results.append({
                 "variant": name if len(args.seeds) == 1 else f"{name} (seed {seed})",
@@ -213,7 +215,7 @@ def profile_variant(name: str, base_params: dict, model_dir: Path, tokenized: Pa
 
     variant = parse_params(deep_update(base_params, {"train": {**VARIANTS[name], "max_steps": 30}}))
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        metrics, _ = train(model_dir, tokenized, work / "adapter-profile", variant.quantize, variant.lora, variant.train,
+        metrics, *_ = train(model_dir, tokenized, work / "adapter-profile", variant.quantize, variant.lora, variant.train,
                            variant.seed)
     events = prof.key_averages()
     device_us = sum(e.self_device_time_total for e in events)

@@ -1,6 +1,6 @@
 """Stage evaluate: base vs. fine-tuned on the held-out rows (answer loss, perplexity, exact match, samples).
 
-    python stages/evaluate.py   # models/base + models/merged + data -> metrics/eval.json, reports/eval_samples.jsonl
+    python stages/evaluate.py   # models/base + models/merged + data -> metrics/eval.json, reports/eval_samples.jsonl, reports/eval.md, reports/eval_per_task.csv
 """
 
 import argparse
@@ -9,7 +9,7 @@ from qlora_pipeline.errors import run_stage
 
 
 def main(params_path: str = "params.yaml") -> None:
-    from qlora_pipeline import outputs, paths
+    from qlora_pipeline import outputs, paths, reports
     from qlora_pipeline.config import load_params
     from qlora_pipeline.evaluation import evaluate
     from qlora_pipeline.quantization import resolve_device
@@ -22,6 +22,8 @@ def main(params_path: str = "params.yaml") -> None:
         cfg.batch_size, cfg.max_new_tokens, cfg.generate_rows, resolve_device("auto"),
     )
     outputs.write_jsonl(paths.REPORTS / "eval_samples.jsonl", samples)
+    outputs.write_text(paths.REPORTS / "eval.md", reports.evaluation_markdown(metrics, samples))
+    outputs.write_text(paths.REPORTS / "eval_per_task.csv", reports.per_task_csv(metrics))
     outputs.write_json(paths.METRICS / "eval.json", metrics)
     base, tuned = metrics["base"], metrics["tuned"]
     print(f"evaluate: answer loss {base['loss']} -> {tuned['loss']}"

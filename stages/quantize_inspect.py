@@ -1,6 +1,6 @@
 """Stage quantize-inspect: load the base in 4 bit and report what quantization and LoRA do to it.
 
-    python stages/quantize_inspect.py   # models/base -> metrics/quantize.json, reports/quantize.md
+    python stages/quantize_inspect.py   # models/base -> metrics/quantize.json, reports/quantize.md, reports/quantize_memory.csv
 """
 
 import argparse
@@ -11,7 +11,7 @@ from qlora_pipeline.errors import run_stage
 def main(params_path: str = "params.yaml") -> None:
     import json
 
-    from qlora_pipeline import outputs, paths, quantization
+    from qlora_pipeline import outputs, paths, quantization, reports
     from qlora_pipeline.config import load_params
 
     params = load_params(params_path)
@@ -20,7 +20,9 @@ def main(params_path: str = "params.yaml") -> None:
     figures = quantization.inspect(paths.BASE_MODEL, params.quantize, params.lora, device)
     record = json.loads((paths.BASE_MODEL / "source.json").read_text())
     outputs.write_text(paths.REPORTS / "quantize.md", quantization.report_markdown(figures, record))
-    outputs.write_json(paths.METRICS / "quantize.json", {k: v for k, v in figures.items() if k != "replaced_modules"})
+    outputs.write_json(paths.METRICS / "quantize.json",
+                       {k: v for k, v in figures.items() if k not in ("replaced_modules", "memory_by_module")})
+    outputs.write_text(paths.REPORTS / "quantize_memory.csv", reports.quantize_memory_csv(figures))
     print(f"quantize-inspect: {figures['params_4bit']:,} of {figures['params_total']:,} parameters in 4 bit, "
           f"{figures['size_fp32_mb']} MB -> {figures['size_4bit_mb']} MB; "
           f"LoRA {figures['lora_trainable_params']:,} trainable ({figures['lora_trainable_percent']} %)")

@@ -1,6 +1,6 @@
 """Stage train: QLoRA fine-tuning (4-bit base, LoRA adapter, trl's SFTTrainer).
 
-    python stages/train.py   # models/base + data/tokenized -> models/adapter, metrics/train.json, metrics/train_log.csv, checkpoints/train
+    python stages/train.py   # models/base + data/tokenized -> models/adapter, metrics/train.json, metrics/train_log.csv, dvclive/train, checkpoints/train
 
 With train.num_processes > 1 the stage relaunches itself through torchrun, one process per GPU (gloo
 on the CPU): `python -m torch.distributed.run --standalone --nproc_per_node N stages/train.py`.
@@ -27,7 +27,7 @@ def launch(num_processes: int, params_path: str) -> None:
 
 
 def main(params_path: str = "params.yaml") -> None:
-    from qlora_pipeline import checkpoints, outputs, paths
+    from qlora_pipeline import checkpoints, outputs, paths, reports
     from qlora_pipeline.config import as_dict, load_params
     from qlora_pipeline.quantization import resolve_device
     from qlora_pipeline.training import execution_plan, step_log_csv, train, world
@@ -54,7 +54,7 @@ def main(params_path: str = "params.yaml") -> None:
 
     main_process = world()[1] == 0
     with outputs.atomic_dir(paths.ADAPTER) if main_process else outputs.discarded_dir() as out:
-        metrics, step_rows = train(
+        metrics, step_rows, eval_rows = train(
             paths.BASE_MODEL, paths.TOKENIZED, out, params.quantize, params.lora, params.train, params.seed,
             checkpoint_dir=paths.CHECKPOINTS,
         )
@@ -64,6 +64,8 @@ def main(params_path: str = "params.yaml") -> None:
     if not main_process:
         return
     outputs.write_text(paths.METRICS / "train_log.csv", step_log_csv(step_rows))
+    with outputs.atomic_dir(paths.TRAIN_LIVE) as live_dir:
+        reports.write_training_log(live_dir, step_rows, eval_rows)
     outputs.write_json(paths.METRICS / "train.json", metrics)
     # Only now that every output is in place are the checkpoints of this run no longer needed.
     checkpoints.finish(paths.CHECKPOINTS)

@@ -37,10 +37,10 @@ def tiny_params(**overrides) -> dict:
 def make_project(dest: Path, params: dict) -> Path:
     """A copy of the project (code, dvc.yaml, the given params) in `dest`."""
     dest.mkdir(parents=True, exist_ok=True)
-    for name in ("dvc.yaml", "stages", "src"):
+    for name in ("dvc.yaml", "stages", "src", "plots"):
         src = ROOT / name
         if src.is_dir():
-            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "offline.html"))
         else:
             shutil.copy(src, dest / name)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

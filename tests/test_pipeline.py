@@ -2,12 +2,14 @@
 
 import json
 import os
+import re
+import shutil
 import subprocess
 
 import pytest
 import yaml
 
-from conftest import FAKE_HF_TOKEN, make_project, sh, tiny_params, tool_env
+from conftest import FAKE_HF_TOKEN, ROOT, make_project, sh, tiny_params, tool_env
 
 pytestmark = pytest.mark.slow
 
@@ -65,10 +67,44 @@ def test_repro_then_change_one_param(tmp_path):
     metrics = json.loads(sh(project, "dvc", "metrics", "show", "--json"))
     assert metrics, "dvc metrics show found no metrics"
 
+    check_plots_render(project, tmp_path)
+
     # Every command ran with a Hugging Face token in its environment: no file of the project, its git
     # history or its DVC cache holds it.
     for file in [p for p in project.rglob("*") if p.is_file()]:
         assert FAKE_HF_TOKEN.encode() not in file.read_bytes(), file
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+OFFLINE_TEMPLATE = ROOT / "plots" / "offline.html"
+
+
+def check_plots_render(project, tmp_path):
+    """`dvc plots diff` of the committed run and the workspace (another learning rate), rendered by headless
+    Chromium from the offline page: Vega draws each of the four plots (a canvas in each plot's element;
+    on an error vega-embed leaves the element without one)."""
+    if not (CHROMIUM and OFFLINE_TEMPLATE.is_file()):
+        if os.environ.get("CI"):
+            pytest.fail("CI must have chromium and plots/offline.html (.ci/run and setup.sh install them)")
+        pytest.skip("chromium or plots/offline.html missing (apt-get install chromium; python plots/offline_template.py)")
+    out = tmp_path / "plots"
+    sh(project, "dvc", "plots", "diff", "HEAD", "--html-template", str(OFFLINE_TEMPLATE), "--out", str(out))
+    page = (out / "index.html").read_text()
+    for title in ("Loss per step", "Learning rate per step", "Exact match per task", "Memory by module type"):
+        assert title in page
+    assert "cdn.jsdelivr" not in page  # nothing to fetch: this machine has no network
+    result = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={tmp_path / 'chromium'}", "--virtual-time-budget=15000", "--dump-dom",
+         (out / "index.html").as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )
+    dom = result.stdout
+    for plot in ("loss", "learning_rate", "exact_match_per_task", "memory_by_module"):
+        drawn = re.search(rf'<div id="{plot}" class="vega-embed[^"]*"><div class="chart-wrapper"[^>]*>'
+                          r'<canvas width="(\d+)" height="(\d+)"', dom)
+        assert drawn and int(drawn[1]) > 200 and int(drawn[2]) > 150, f"{plot} not drawn:\n{dom[-3000:]}"
 
 
 def test_experiments_reuse_the_cache_and_compare(tmp_path):

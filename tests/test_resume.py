@@ -19,7 +19,7 @@ from conftest import make_project, run_stage, tiny_params
 # step 3 is mid-epoch, so resuming must restore the data order and RNG state, not only the weights.
 RESUME_PARAMS = tiny_params(
     subset={"train_size": 8, "eval_size": 4},
-    train={"max_steps": 6, "batch_size": 2, "grad_accum": 2, "checkpoint_every_steps": 3},
+    train={"max_steps": 6, "batch_size": 2, "grad_accum": 2, "checkpoint_every_steps": 3, "eval_every_steps": 2},
 )
 TIMING_KEYS = {"runtime_s", "real_tokens_per_s", "peak_memory_mb", "resumed_from_step"}
 
@@ -88,6 +88,9 @@ def test_killed_train_resumes_to_the_same_adapter(tokenized, uninterrupted, tmp_
     adapter = "models/adapter/adapter_model.safetensors"
     assert (project / adapter).read_bytes() == (uninterrupted / adapter).read_bytes()
     assert step_log(project) == step_log(uninterrupted)
+    live = "dvclive/train/plots/metrics"
+    for name in ("train/loss.tsv", "eval/loss.tsv", "train/tokens.tsv"):
+        assert (project / live / name).read_bytes() == (uninterrupted / live / name).read_bytes()
     assert train_metrics(project) == train_metrics(uninterrupted)
     assert json.loads((project / "metrics/train.json").read_text())["resumed_from_step"] == 3
     # Done: only the record of the completed run is left, the same as after an uninterrupted run.

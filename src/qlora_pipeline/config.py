@@ -93,6 +93,7 @@ class TrainParams:
     device: Literal["auto", "cpu", "cuda"]
     log_every_steps: int
     checkpoint_every_steps: int
+    eval_every_steps: int
     num_processes: int
 
 
@@ -150,6 +151,7 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "train.log_every_steps": (lambda v: v > 0, "> 0"),
     "train.checkpoint_every_steps": (lambda v: v >= 0, ">= 0 (0: no checkpoints)"),
     "train.num_processes": (lambda v: v >= 1, ">= 1"),
+    "train.eval_every_steps": (lambda v: v >= 0, ">= 0 (0: no evaluation during training)"),
     "merge.compare_prompts": (lambda v: v > 0, "> 0"),
     "evaluate.batch_size": (lambda v: v > 0, "> 0"),
     "evaluate.max_new_tokens": (lambda v: v > 0, "> 0"),

@@ -9,6 +9,7 @@ SUBSET = Path("data/subset")              # subset: train.jsonl, eval.jsonl
 FORMATTED = Path("data/formatted")        # format: train.jsonl, eval.jsonl (prompt / completion)
 TOKENIZED = Path("data/tokenized")        # tokenize: train/, eval/ (Arrow datasets)
 ADAPTER = Path("models/adapter")          # train: the LoRA adapter
+TRAIN_LIVE = Path("dvclive/train")        # train: per-step train and held-out loss, as a dvclive log
 CHECKPOINTS = Path("checkpoints/train")   # train: resumable checkpoints of an unfinished run (persistent)
 MERGED = Path("models/merged")            # merge: float16 merged model, safetensors
 METRICS = Path("metrics")

@@ -116,11 +116,14 @@ def inspect(model_dir: str | Path, quantize: QuantizeParams, lora: LoraParams, d
     params_total = full.num_parameters()
     size_fp32 = full.get_memory_footprint()
     before = {name: (type(m).__name__, list(m.weight.shape), str(m.weight.dtype).removeprefix("torch.")) for name, m in full.named_modules() if hasattr(m, "weight") and isinstance(getattr(m, "weight"), torch.Tensor)}
+    memory = {kind: {"float32": size, "qlora": 0} for kind, size in memory_by_module(full).items()}
     del full
 
     # Non-linear parameters in float16, as the tutorial loads them.
     quantized = load_model(model_dir, quantize, device, torch.float16)
     size_4bit = quantized.get_memory_footprint()
+    for kind, size in memory_by_module(quantized).items():
+        memory.setdefault(kind, {"float32": 0, "qlora": 0})["qlora"] = size
     params_4bit = 0
     replaced = []
     for name, module in quantized.named_modules():
@@ -152,7 +155,27 @@ def inspect(model_dir: str | Path, quantize: QuantizeParams, lora: LoraParams, d
         "lora_all_params": all_params,
         "lora_trainable_percent": round(100 * trainable / all_params, 4),
         "replaced_modules": replaced,
+        "memory_by_module": memory,
     }
+
+
+def memory_by_module(model) -> dict[str, int]:
+    """Bytes of parameters by module type: linear layers by name (q_proj, c_attn, ...), others by class
+    (Embedding, LayerNorm, ...). Tied weights count once; 4-bit weights count their packed bytes."""
+    from transformers.pytorch_utils import Conv1D
+    import torch
+
+    sizes: dict[str, int] = {}
+    seen: set[int] = set()
+    for name, module in model.named_modules():
+        own = [p for p in module.parameters(recurse=False) if id(p) not in seen]
+        if not own:
+            continue
+        seen.update(id(p) for p in own)
+        linear = isinstance(module, (torch.nn.Linear, Conv1D)) or type(module).__name__.startswith("Linear")
+        kind = name.rsplit(".", 1)[-1] if linear else type(module).__name__
+        sizes[kind] = sizes.get(kind, 0) + sum(p.numel() * p.element_size() for p in own)
+    return sizes
 
 
 def report_markdown(figures: dict[str, Any], model_record: dict[str, Any]) -> str:

@@ -75,6 +75,7 @@ class RunLog:
     def __init__(self, collator: TokenCountingCollator):
         self.collator = collator
         self.rows: list[dict] = []
+        self.eval_rows: list[dict] = []   # held-out loss at the evaluation steps
         self.loss_sum = 0.0           # sum over optimizer steps of each step's loss
         self.last_logged_step = 0
         self.seconds_before = 0.0     # training time spent before the latest resume
@@ -87,11 +88,12 @@ class RunLog:
         return dict(zip(self.COUNTS, _summed_over_processes([getattr(self.collator, n) for n in self.COUNTS])))
 
     def state(self, seconds: float) -> dict[str, Any]:
-        return {"rows": self.rows, "loss_sum": self.loss_sum, "last_logged_step": self.last_logged_step,
-                "seconds": seconds, "token_counts": self.token_counts()}
+        return {"rows": self.rows, "eval_rows": self.eval_rows, "loss_sum": self.loss_sum,
+                "last_logged_step": self.last_logged_step, "seconds": seconds, "token_counts": self.token_counts()}
 
     def restore(self, state: dict[str, Any], step: int) -> None:
         self.rows = state["rows"]
+        self.eval_rows = state["eval_rows"]
         self.loss_sum = state["loss_sum"]
         self.last_logged_step = state["last_logged_step"]
         self.seconds_before = state["seconds"]
@@ -136,6 +138,10 @@ def _run_log_callback(run_log: RunLog):
                     "seconds": round(self.elapsed(), 3),
                 })
 
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            if metrics and "eval_loss" in metrics:
+                run_log.eval_rows.append({"step": state.global_step, "loss": round(metrics["eval_loss"], 6)})
+
         def on_save(self, args, state, control, **kwargs):
             # Every process takes part (the token counts are summed over processes), so every process has
             # finished writing its part of the checkpoint before the main one marks it complete.
@@ -157,6 +163,15 @@ def sft_trainer_class(collator: TokenCountingCollator, token_metrics: bool):
         def training_step(self, model, inputs, num_items_in_batch=None):
             collator.count_next()
             return super().training_step(model, inputs, num_items_in_batch)
+
+        def evaluate(self, *args, **kwargs):
+            # Held-out batches go through the same collator: their counts are not training's.
+            waiting = len(collator.pending)
+            try:
+                return super().evaluate(*args, **kwargs)
+            finally:
+                while len(collator.pending) > waiting:
+                    collator.pending.pop()
 
     if token_metrics:
         return SFTTrainerCountingTokens
@@ -296,8 +311,9 @@ def train(
     params: TrainParams,
     seed: int,
     checkpoint_dir: Path | None = None,
-) -> tuple[dict[str, Any], list[dict]]:
-    """Train a LoRA adapter on the 4-bit base; save it to `adapter_dir`; return metrics and the step log.
+) -> tuple[dict[str, Any], list[dict], list[dict]]:
+    """Train a LoRA adapter on the 4-bit base; save it to `adapter_dir`; return metrics, the step log and
+    the held-out loss at the evaluation steps.
 
     With `train.checkpoint_every_steps` > 0, checkpoints go to `checkpoint_dir` and a run cut off earlier
     continues from its last one (see checkpoints.py); the caller calls checkpoints.finish once the outputs
@@ -334,6 +350,7 @@ def train(
     set_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     train_set = datasets.load_from_disk(str(tokenized_dir / "train")).select_columns(["input_ids", "labels"])
+    eval_set = datasets.load_from_disk(str(tokenized_dir / "eval")).select_columns(["input_ids", "labels"])
 
     if placement != device:
         torch.cuda.set_device(placement)
@@ -377,6 +394,10 @@ def train(
         ddp_backend=("gloo" if device == "cpu" else "nccl") if num_processes > 1 else None,
         ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient every step
         logging_steps=params.log_every_steps,
+        eval_strategy="steps" if params.eval_every_steps else "no",
+        eval_steps=params.eval_every_steps or None,
+        per_device_eval_batch_size=micro_batch,
+        prediction_loss_only=True,
         save_strategy="steps" if params.checkpoint_every_steps else "no",
         save_steps=params.checkpoint_every_steps or None,
         report_to="none",
@@ -390,6 +411,7 @@ def train(
         model=model,
         args=config,
         train_dataset=train_set,
+        eval_dataset=eval_set if params.eval_every_steps else None,
         data_collator=collator,
         processing_class=tokenizer,
         callbacks=[_run_log_callback(run_log)],
@@ -418,9 +440,11 @@ def train(
     steps = trainer.state.global_step
     train_loss = run_log.loss_sum / max(steps, 1)
     step_rows = run_log.rows
+    eval_rows = run_log.eval_rows
     metrics = {
         "train_loss": round(train_loss, 6),
         "final_step_loss": step_rows[-1]["loss"] if step_rows else None,
+        "final_eval_loss": eval_rows[-1]["loss"] if eval_rows else None,
         "steps": steps,
         "resumed_from_step": run_log.resumed_from_step,
         "epochs": round(trainer.state.epoch or 0.0, 4),
@@ -448,7 +472,7 @@ def train(
     }
     if not math.isfinite(train_loss):
         print(f"warning: training loss is {train_loss}", file=sys.stderr)
-    return metrics, step_rows
+    return metrics, step_rows, eval_rows
 
 
 def step_log_csv(rows: list[dict]) -> str:

@@ -1,0 +1,101 @@
+"""What the stages write for people to look at: DVC plot data (dvclive logs, CSV tables) and Markdown reports.
+
+The plots themselves are declared in dvc.yaml (`plots:`), so `dvc plots show` and `dvc plots diff`
+render them for one run or side by side for several.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any
+
+from qlora_pipeline import outputs
+
+
+def write_training_log(directory: Path, step_rows: list[dict], eval_rows: list[dict]) -> None:
+    """The run's per-step metrics in dvclive's layout in `directory`: plots/metrics/{train,eval}/<name>.tsv
+    (step and value, no timestamps) and metrics.json (the last values). Written once the run is complete,
+    from the run log, so a resumed run's log equals an uninterrupted one's and a killed run leaves none.
+
+    dvclive's Metric writes the files; its Live front end is not used: it inspects the git repo (and
+    fails in one without commits, dvclive 3.49) and would register experiments of its own."""
+    from dvclive.plots import Metric
+
+    summary: dict[str, Any] = {}
+    for row in _by_step(step_rows, eval_rows):
+        values = {f"train/{name}": row.get(name) for name in ("loss", "learning_rate", "grad_norm", "tokens")}
+        values["eval/loss"] = row.get("eval_loss")
+        for name, value in values.items():
+            if value is None:
+                continue
+            metric = Metric(name, str(directory / "plots"))
+            metric.step = row["step"]
+            metric.dump(value)
+            group, leaf = name.split("/")
+            summary.setdefault(group, {})[leaf] = value
+        summary["step"] = row["step"]
+    outputs.write_json(directory / "metrics.json", summary)
+
+
+def _by_step(step_rows: list[dict], eval_rows: list[dict]) -> list[dict]:
+    merged: dict[int, dict] = {row["step"]: dict(row) for row in step_rows}
+    for row in eval_rows:
+        merged.setdefault(row["step"], {"step": row["step"]})["eval_loss"] = row["loss"]
+    return [merged[step] for step in sorted(merged)]
+
+
+def _csv(rows: list[dict], fields: list[str]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def per_task_csv(metrics: dict[str, Any]) -> str:
+    """Exact match per task family of the base and the tuned model (long format: task, series, value)."""
+    rows = [{"task": task, "series": series, "exact_match": value}
+            for series in ("base", "tuned")
+            for task, value in sorted((metrics[series].get("exact_match_per_task") or {}).items())]
+    return _csv(rows, ["task", "series", "exact_match"])
+
+
+def evaluation_markdown(metrics: dict[str, Any], samples: list[dict]) -> str:
+    """The evaluation as a page: the headline figures, accuracy per task, and each sample's answers."""
+    base, tuned = metrics["base"], metrics["tuned"]
+    lines = ["# Evaluation: base vs. fine-tuned", "",
+             f"{metrics['eval_rows']} held-out rows; answers generated greedily for {metrics['generated_rows']}.", "",
+             "| figure | base | tuned |", "|---|---:|---:|",
+             f"| answer loss | {base['loss']} | {tuned['loss']} |",
+             f"| perplexity | {base['perplexity']} | {tuned['perplexity']} |"]
+    if base.get("exact_match") is not None:
+        lines.append(f"| exact match | {base['exact_match']} | {tuned['exact_match']} |")
+    per_task = base.get("exact_match_per_task") or {}
+    if per_task:
+        lines += ["", "## Exact match per task", "", "| task | base | tuned |", "|---|---:|---:|"]
+        lines += [f"| {task} | {per_task[task]} | {tuned['exact_match_per_task'].get(task)} |" for task in sorted(per_task)]
+    lines += ["", "## Samples", "", "| task | prompt | reference | base | tuned |", "|---|---|---|---|---|"]
+    for sample in samples:
+        cells = [sample.get("task") or "", _instruction(sample["prompt"]), sample["reference"], sample["base"], sample["tuned"]]
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _instruction(prompt: str) -> str:
+    """The instruction (and input) of a templated prompt, without the template's boilerplate."""
+    body = prompt.split("### Instruction:", 1)[-1].split("### Response:", 1)[0]
+    return body.replace("### Input:", "/").strip()
+
+
+def _cell(text: str) -> str:
+    return " ".join(str(text).split()).replace("|", "\\|")[:200]
+
+
+def quantize_memory_csv(figures: dict[str, Any]) -> str:
+    """Memory by module type, loaded in float32 and loaded for QLoRA (long format: module, series, MiB)."""
+    rows = [{"module": kind, "series": series, "mib": round(sizes[key] / 2**20, 2)}
+            for series, key in (("float32", "float32"), ("QLoRA (4-bit + float16)", "qlora"))
+            for kind, sizes in figures["memory_by_module"].items()]
+    return _csv(rows, ["module", "series", "mib"])
