@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import csv
 import io
+import json
 import math
 import os
 import resource
@@ -293,6 +294,18 @@ def resume_params(quantize: QuantizeParams, lora: LoraParams, params: TrainParam
     return {"seed": seed, "quantize": as_dict(quantize), "lora": as_dict(lora), "train": train}
 
 
+def save_adapter(model, tokenizer, adapter_dir: Path) -> None:
+    """The adapter and tokenizer, byte for byte the same for the same weights: peft keeps
+    target_modules as a set and writes it in hash order, which differs from one process to the next."""
+    model.save_pretrained(adapter_dir)
+    tokenizer.save_pretrained(adapter_dir)
+    config_file = Path(adapter_dir) / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def peak_memory_mb(device: str) -> float:
     import torch
 
@@ -434,8 +447,7 @@ def train(
     seconds = time.perf_counter() - start
     counts = run_log.token_counts()
     if rank == 0:
-        model.save_pretrained(adapter_dir)
-        tokenizer.save_pretrained(adapter_dir)
+        save_adapter(model, tokenizer, adapter_dir)
 
     steps = trainer.state.global_step
     train_loss = run_log.loss_sum / max(steps, 1)
