@@ -30,7 +30,7 @@ def main(params_path: str = "params.yaml") -> None:
     from qlora_pipeline import checkpoints, outputs, paths, reports
     from qlora_pipeline.config import as_dict, load_params
     from qlora_pipeline.quantization import resolve_device
-    from qlora_pipeline.training import execution_plan, step_log_csv, train, world
+    from qlora_pipeline.training import execution_plan, train, world
 
     params = load_params(params_path)
     paths.require(paths.BASE_MODEL, paths.TOKENIZED)
@@ -63,7 +63,7 @@ def main(params_path: str = "params.yaml") -> None:
         outputs.write_json(out / "training_params.json", {"seed": params.seed, **resolved})
     if not main_process:
         return
-    outputs.write_text(paths.METRICS / "train_log.csv", step_log_csv(step_rows))
+    outputs.write_text(paths.METRICS / "train_log.csv", reports.step_log_csv(step_rows))
     with outputs.atomic_dir(paths.TRAIN_LIVE) as live_dir:
         reports.write_training_log(live_dir, step_rows, eval_rows)
     outputs.write_json(paths.METRICS / "train.json", metrics)

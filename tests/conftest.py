@@ -47,10 +47,17 @@ def make_project(dest: Path, params: dict) -> Path:
     return dest
 
 
-def run_stage(project: Path, script: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+def edit_params(project: Path, change) -> None:
+    """Apply `change` (a function of the params mapping) to the project's params.yaml."""
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    change(params)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def run_stage(project: Path, script: str, *args: str, check: bool = True, **popen) -> subprocess.CompletedProcess:
     result = subprocess.run(
-        [sys.executable, str(project / "stages" / script), *args], cwd=project, env=env, capture_output=True, text=True
+        [sys.executable, str(project / "stages" / script), *args], cwd=project, env=tool_env(), capture_output=True,
+        text=True, **popen,
     )
     if check and result.returncode != 0:
         raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stderr[-3000:]}")

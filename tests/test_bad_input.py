@@ -7,29 +7,13 @@ test_stages.py (sources, micro-batches) and test_resume.py (foreign checkpoints)
 
 import resource
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
-import yaml
 
-from conftest import run_stage
+from conftest import edit_params, run_stage
 
 OUTPUTS = ("models", "data", "metrics", "reports", "checkpoints")
-
-
-def edit_params(project, change):
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    change(params)
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-
-def set_key(dotted, value):
-    def change(params):
-        section, key = dotted.split(".")
-        params[section][key] = value
-    return change
 
 
 def data_file(content, suffix=".jsonl"):
@@ -157,9 +141,7 @@ def test_full_disk_leaves_the_previous_outputs(ran, tmp_path):
     def limit_file_size():
         resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
 
-    result = subprocess.run([sys.executable, "stages/merge.py"], cwd=project, preexec_fn=limit_file_size,
-                            capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "PYTHONWARNINGS": "ignore",
-                                                                 "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"})
+    result = run_stage(project, "merge.py", check=False, preexec_fn=limit_file_size)
     assert result.returncode == 2, result.stderr[-2000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: no space left to write") and "File too large" in last, last

@@ -7,9 +7,8 @@ import shutil
 import subprocess
 
 import pytest
-import yaml
 
-from conftest import FAKE_HF_TOKEN, ROOT, make_project, sh, tiny_params, tool_env
+from conftest import FAKE_HF_TOKEN, ROOT, edit_params, make_project, sh, tiny_params, tool_env
 
 pytestmark = pytest.mark.slow
 
@@ -70,9 +69,7 @@ def test_repro_then_change_one_param(tmp_path):
     # Only the learning rate changes: `dvc status` names the stage whose params changed (DVC judges a
     # stage by its own deps; merge and evaluate are stale once train's output changes), and a repro
     # reruns train, merge and evaluate, nothing upstream.
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["train"]["learning_rate"] = 1e-3
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    edit_params(project, lambda params: params["train"].update(learning_rate=1e-3))
     assert stages_to_run(project) == ["train"]
     status = json.loads(sh(project, "dvc", "status", "--json"))
     assert status["train"] == [{"changed deps": {"params.yaml": {"train": "modified"}}}]
@@ -85,8 +82,7 @@ def test_repro_then_change_one_param(tmp_path):
     assert stages_to_run(project) == []
 
     # A change in the evaluate section reruns evaluate alone.
-    params["evaluate"]["max_new_tokens"] = 4
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    edit_params(project, lambda params: params["evaluate"].update(max_new_tokens=4))
     assert stages_to_run(project) == ["evaluate"]
 
     metrics = json.loads(sh(project, "dvc", "metrics", "show", "--json"))

@@ -3,7 +3,6 @@ uninterrupted run ends (on the CPU: the same adapter bytes, the same step log an
 
 import csv
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -11,9 +10,8 @@ import sys
 import time
 
 import pytest
-import yaml
 
-from conftest import make_project, run_stage, tiny_params
+from conftest import edit_params, make_project, run_stage, tiny_params, tool_env
 
 # 8 train rows, 4 rows a step: 2 steps an epoch, 6 steps (3 epochs), checkpoints after steps 3 and 6;
 # step 3 is mid-epoch, so resuming must restore the data order and RNG state, not only the weights.
@@ -41,8 +39,7 @@ def copy_of(project, dest):
 
 def kill_train_after(project, step):
     """Start the train stage and SIGKILL it as soon as the checkpoint of `step` is complete."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    proc = subprocess.Popen([sys.executable, "stages/train.py"], cwd=project, env=env,
+    proc = subprocess.Popen([sys.executable, "stages/train.py"], cwd=project, env=tool_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     marker = project / f"checkpoints/train/checkpoint-{step}/pipeline_state.json"
     while not marker.exists():
@@ -104,9 +101,7 @@ def test_checkpoint_of_other_params_is_refused(tokenized, tmp_path):
     kill_train_after(project, 3)
     before = sorted(p.relative_to(project) for p in (project / "checkpoints").rglob("*"))
 
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["train"]["learning_rate"] = 1e-3
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    edit_params(project, lambda params: params["train"].update(learning_rate=1e-3))
     result = run_stage(project, "train.py", check=False)
     assert result.returncode == 2
     message = result.stderr.strip().splitlines()[-1]
@@ -116,18 +111,14 @@ def test_checkpoint_of_other_params_is_refused(tokenized, tmp_path):
     assert not (project / "models/adapter").exists()
 
     # A param that changes neither arithmetic nor data order may differ: the run resumes.
-    params["train"]["learning_rate"] = 5e-4
-    params["train"]["log_every_steps"] = 2
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    edit_params(project, lambda params: params["train"].update(learning_rate=5e-4, log_every_steps=2))
     assert "resuming from checkpoints/train/checkpoint-3" in run_stage(project, "train.py").stderr
 
 
 def test_changed_data_makes_a_checkpoint_foreign(tokenized, tmp_path):
     project = copy_of(tokenized, tmp_path / "project")
     kill_train_after(project, 3)
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["tokenize"]["train_on"] = "all"
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    edit_params(project, lambda params: params["tokenize"].update(train_on="all"))
     run_stage(project, "tokenize_data.py")
     result = run_stage(project, "train.py", check=False)
     assert result.returncode == 2

@@ -14,6 +14,14 @@ from typing import Any
 from qlora_pipeline import outputs
 
 
+STEP_LOG_FIELDS = ["step", "epoch", "loss", "learning_rate", "grad_norm", "tokens", "seconds"]
+
+
+def step_log_csv(step_rows: list[dict]) -> str:
+    """The run's step log as one table (metrics/train_log.csv)."""
+    return _csv(step_rows, STEP_LOG_FIELDS)
+
+
 def write_training_log(directory: Path, step_rows: list[dict], eval_rows: list[dict]) -> None:
     """The run's per-step metrics in dvclive's layout in `directory`: plots/metrics/{train,eval}/<name>.tsv
     (step and value, no timestamps) and metrics.json (the last values). Written once the run is complete,
@@ -24,13 +32,16 @@ def write_training_log(directory: Path, step_rows: list[dict], eval_rows: list[d
     from dvclive.plots import Metric
 
     summary: dict[str, Any] = {}
+    writers: dict[str, Metric] = {}
     for row in _by_step(step_rows, eval_rows):
         values = {f"train/{name}": row.get(name) for name in ("loss", "learning_rate", "grad_norm", "tokens")}
         values["eval/loss"] = row.get("eval_loss")
         for name, value in values.items():
             if value is None:
                 continue
-            metric = Metric(name, str(directory / "plots"))
+            if name not in writers:
+                writers[name] = Metric(name, str(directory / "plots"))
+            metric = writers[name]
             metric.step = row["step"]
             metric.dump(value)
             group, leaf = name.split("/")

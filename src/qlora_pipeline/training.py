@@ -10,8 +10,6 @@ changes the arithmetic order only, not what is optimized.
 from __future__ import annotations
 
 import collections
-import csv
-import io
 import json
 import math
 import os
@@ -33,9 +31,6 @@ from qlora_pipeline.quantization import (
     resolve_device,
     resolve_target_modules,
 )
-
-STEP_LOG_FIELDS = ("step", "epoch", "loss", "learning_rate", "grad_norm", "tokens", "seconds")
-
 
 class TokenCountingCollator:
     """trl's collator, counting the real (non-padding), trained and padded tokens of each batch.
@@ -485,11 +480,3 @@ def train(
     if not math.isfinite(train_loss):
         print(f"warning: training loss is {train_loss}", file=sys.stderr)
     return metrics, step_rows, eval_rows
-
-
-def step_log_csv(rows: list[dict]) -> str:
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=STEP_LOG_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return out.getvalue()
