@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# The whole pipeline on a GPU, stage by stage, with the commands dvc.yaml gives (no DVC: the GPU machine
-# lacks it): the tutorial profile with distilgpt2-shaped random weights and ../shared/data/alpaca_sample_1k.json.
-# The model is a local directory (random distilgpt2 + the embedded model's tokenizer files, as
-# model.source: random makes it), since the embedded model's package is too large to send to the GPU machine.
+# The whole pipeline on a GPU with `dvc repro`: the tutorial profile (profiles/tutorial.yaml) with
+# distilgpt2-shaped random weights and an Alpaca-format JSON file, in a fresh git + DVC repository.
+# The model is a local directory (random distilgpt2 + the given tokenizer, as model.source: random makes it),
+# since the embedded model's package is too large to send to the GPU machine.
 #   bash bench/gpu_pipeline.sh DATA_JSON TOKENIZER_DIR OUT_DIR
+# Writes OUT_DIR/gpu_pipeline.txt: each stage's wall time in `dvc repro` (from DVC's "Running stage" lines),
+# the no-op `dvc repro` that follows, then each stage run again under bench/stage_profile.py (imports,
+# loading, quantizing, training, merging, evaluating), and the stages' metrics files.
 set -euo pipefail
 data=$(realpath "$1"); tokenizer=$(realpath "$2"); out=$(realpath -m "$3"); mkdir -p "$out"
-work=$(mktemp -d); cp -r dvc.yaml stages src "$work/"
+bench=$(realpath "$(dirname "$0")")
+work=$(mktemp -d); cp -r dvc.yaml stages src plots "$work/"
 python3 - "$data" "$work/params.yaml" "$tokenizer" "$work/random-distilgpt2" <<'PY'
 import sys, yaml, torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -22,11 +26,25 @@ params["subset"].update(train_size=885, eval_size=100)   # 985 distinct rows in 
 yaml.safe_dump(params, open(sys.argv[2], "w"), sort_keys=False)
 PY
 cd "$work"
-total_start=$(date +%s.%N)
+export PYTHONPATH="$work/src${PYTHONPATH:+:$PYTHONPATH}"
+git init -q && git config user.email bench@localhost && git config user.name bench
+dvc init -q && git add -A && git commit -qm "bench: tutorial profile, random distilgpt2"
+stamp() { while IFS= read -r line; do printf '%s %s\n' "$(date +%s.%N)" "$line"; done; }
+start=$(date +%s.%N)
+dvc repro 2>&1 | stamp > "$out/dvc_repro.log"
+end=$(date +%s.%N)
+noop_start=$(date +%s.%N); dvc repro > /dev/null 2>&1; noop_end=$(date +%s.%N)
+{
+  echo "dvc repro on $(python3 -c 'import torch; print(torch.cuda.get_device_name())'), $(date -u +%FT%TZ)"
+  # A stage runs from its "Running stage" line to the next one (or the end): its command plus DVC's own work.
+  awk -v end="$end" '/Running stage/ { if (name) printf "  %-18s %6.1f s\n", name, $1 - t; t = $1; name = $4 }
+       END { printf "  %-18s %6.1f s\n", name, end - t }' "$out/dvc_repro.log" | tr -d "':"
+  printf '  %-18s %6.1f s\n' "whole dvc repro" "$(awk "BEGIN {print $end - $start}")"
+  printf '  %-18s %6.1f s\n' "no-op dvc repro" "$(awk "BEGIN {print $noop_end - $noop_start}")"
+  echo "each stage again under bench/stage_profile.py (seconds; parts can overlap):"
+} | tee "$out/gpu_pipeline.txt"
 for stage in "download.py model" "download.py data" subset.py format.py tokenize_data.py quantize_inspect.py train.py merge.py evaluate.py; do
-  start=$(date +%s.%N)
-  python3 stages/$stage > "$out/stage.log" 2>&1 || { tail -20 "$out/stage.log"; exit 1; }
-  printf '%-22s %6.1f s   %s\n' "$stage" "$(awk "BEGIN {print $(date +%s.%N) - $start}")" "$(tail -1 "$out/stage.log")" | tee -a "$out/gpu_pipeline.txt"
+  # shellcheck disable=SC2086
+  python3 "$bench/stage_profile.py" --out "$out" stages/$stage 2>&1 >/dev/null | grep '^profile' | tee -a "$out/gpu_pipeline.txt"
 done
-printf '%-22s %6.1f s\n' "whole pipeline" "$(awk "BEGIN {print $(date +%s.%N) - $total_start}")" | tee -a "$out/gpu_pipeline.txt"
 cp metrics/train.json "$out/gpu_pipeline_train.json"; cp metrics/eval.json "$out/gpu_pipeline_eval.json"

@@ -31,8 +31,12 @@ ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {
     "pipeline-as-tutorial": {"micro_batch_size": 2, "gradient_checkpointing": True, "sdpa_cudnn": True,
                              "fused_activation": False, "dequantized_cache_mb": 0, "optim": "adamw_8bit",
-                             "token_metrics": True},
+                             "token_metrics": True, "cuda_graphs": False},
     "pipeline-default": {},
+    "eager": {"cuda_graphs": False},
+    "graphs-pad32": {"pad_to_multiple_of": 32},
+    "graphs-pad128": {"pad_to_multiple_of": 128},
+    "eager-8bit-adamw": {"cuda_graphs": False, "optim": "adamw_8bit"},
     "8bit-adamw": {"optim": "adamw_8bit"},
     "token-metrics": {"token_metrics": True},
     "8bit-adamw-token-metrics": {"optim": "adamw_8bit", "token_metrics": True},
@@ -96,6 +100,7 @@ def train_reference(model_dir: Path, rows, adapter_dir: Path, params, seed: int,
         "train_loss": round(result.training_loss, 4), "steps": trainer.state.global_step, "runtime_s": round(seconds, 2),
         "real_tokens_per_s": round(real_tokens / seconds, 1), "padded_tokens_per_step": 10 * 1024,
         "peak_memory_mb": peak_memory_mb(device),
+        "peak_reserved_mb": round(torch.cuda.max_memory_reserved() / 2**20, 1) if device == "cuda" else None,
     }
 
 
@@ -174,7 +179,8 @@ def main(args: argparse.Namespace) -> None:
                                variant_params.train, seed)
             results.append({
                 "variant": name if len(args.seeds) == 1 else f"{name} (seed {seed})",
-                **{k: metrics[k] for k in ("train_loss", "steps", "runtime_s", "real_tokens_per_s", "peak_memory_mb")},
+                **{k: metrics[k] for k in ("train_loss", "steps", "runtime_s", "real_tokens_per_s", "peak_memory_mb",
+                                           "peak_reserved_mb", "cuda_graph_shapes", "cuda_graph_capture_s")},
                 "padded_tokens_per_step": round(metrics["padded_tokens"] / max(metrics["steps"], 1), 1),
                 **score(model_dir, adapter, tokenized_eval, params.quantize, device),
             })
@@ -184,12 +190,12 @@ def main(args: argparse.Namespace) -> None:
         profile_variant(args.profile, base_params, model_dir, tokenized, work, Path(args.out))
 
     reference = next((r for r in results if r["variant"].startswith("reference")), None)
-    header = f"{'variant':34} {'steps':>5} {'train s':>8} {'speed-up':>8} {'tokens/s':>9} {'peak MiB':>9} {'eval loss':>9} {'w/o EOS':>8}"
+    header = f"{'variant':34} {'steps':>5} {'train s':>8} {'speed-up':>8} {'tokens/s':>9} {'peak MiB':>9} {'reserved':>9} {'eval loss':>9} {'w/o EOS':>8}"
     print(header)
     for r in results:
         speedup = f"{reference['runtime_s'] / r['runtime_s']:.1f}x" if reference else "-"
         print(f"{r['variant']:34} {r['steps']:>5} {r['runtime_s']:>8.2f} {speedup:>8} {r['real_tokens_per_s']:>9.0f} "
-              f"{r['peak_memory_mb']:>9.0f} {r['eval_answer_loss']:>9.4f} {r['eval_answer_loss_no_eos']:>8.4f}")
+              f"{r['peak_memory_mb']:>9.0f} {r['peak_reserved_mb'] or 0:>9.0f} {r['eval_answer_loss']:>9.4f} {r['eval_answer_loss_no_eos']:>8.4f}")
     gpu = torch.cuda.get_device_name() if device == "cuda" else f"cpu-{platform.processor() or platform.machine()}"
     record = {
         "benchmark": "train_speed", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -86,10 +86,11 @@ class TrainParams:
     gradient_checkpointing: bool
     sdpa_cudnn: bool
     fused_activation: bool
-    pad_to_multiple_of: int
+    pad_to_multiple_of: int | Literal["auto"]
     dequantized_cache_mb: float
     upcast_non_quantized: bool
     token_metrics: bool
+    cuda_graphs: bool | Literal["auto"]
     device: Literal["auto", "cpu", "cuda"]
     log_every_steps: int
     checkpoint_every_steps: int
@@ -143,7 +144,7 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "train.grad_accum": (lambda v: v > 0, "> 0"),
     "train.micro_batch_size": (lambda v: v == "auto" or v > 0, "'auto' or > 0"),
     "train.learning_rate": (lambda v: v > 0, "> 0"),
-    "train.pad_to_multiple_of": (lambda v: v >= 1, ">= 1"),
+    "train.pad_to_multiple_of": (lambda v: v == "auto" or v >= 1, "'auto' or >= 1"),
     "train.dequantized_cache_mb": (lambda v: v >= 0, ">= 0"),
     "train.warmup_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "train.weight_decay": (lambda v: v >= 0, ">= 0"),

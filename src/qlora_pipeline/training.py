@@ -149,16 +149,26 @@ def _run_log_callback(run_log: RunLog):
     return RunLogCallback()
 
 
-def sft_trainer_class(collator: TokenCountingCollator, token_metrics: bool):
+def sft_trainer_class(collator: TokenCountingCollator, token_metrics: bool, graphed=None):
     """trl's SFTTrainer, telling `collator` of each batch it trains on. Without token_metrics, its loss is
     trl's own fused-head loss without the per-step entropy and token-accuracy metrics, whose `.item()`
-    calls make every step wait for the GPU."""
+    calls make every step wait for the GPU. With `graphed` (a cuda_graphs.GraphedTrainingPass), each
+    training pass replays a CUDA graph instead of running forward and backward eagerly."""
     from trl import SFTTrainer
 
     class SFTTrainerCountingTokens(SFTTrainer):
         def training_step(self, model, inputs, num_items_in_batch=None):
             collator.count_next()
-            return super().training_step(model, inputs, num_items_in_batch)
+            if graphed is None:
+                return super().training_step(model, inputs, num_items_in_batch)
+            # One pass a step in one process (resolve_cuda_graphs): the loss needs no rescaling for
+            # gradient accumulation, and the gradients no all-reduce.
+            model.train()
+            inputs = self._prepare_inputs(inputs)
+            labels = inputs["labels"]
+            if num_items_in_batch is None:
+                num_items_in_batch = (labels[:, 1:] != -100).sum()
+            return graphed(inputs["input_ids"], labels, num_items_in_batch)
 
         def evaluate(self, *args, **kwargs):
             # Held-out batches go through the same collator: their counts are not training's.
@@ -231,6 +241,39 @@ def resolve_optimizer(name: str, device: str, trainable_params: int) -> str:
     if device == "cuda" and trainable_params * 6 < 2**30:
         return "adamw_torch_fused"
     return "adamw_8bit"
+
+
+def resolve_cuda_graphs(params: TrainParams, device: str, num_processes: int, passes_per_step: int, compute_dtype,
+                        model) -> bool:
+    """`auto`: replay each training pass from a CUDA graph wherever that computes the same as the eager pass
+    (see cuda_graphs.py); `true` where it cannot is an error naming the reason."""
+    import torch
+
+    from qlora_pipeline.cuda_graphs import unsupported_model
+
+    reasons = [
+        (device != "cuda", "training runs on the CPU"),
+        (num_processes > 1, "train.num_processes > 1 (each process's gradients are all-reduced outside a graph)"),
+        (passes_per_step > 1, "a step takes several forward passes (train.micro_batch_size)"),
+        (params.gradient_checkpointing, "train.gradient_checkpointing is on"),
+        (params.token_metrics, "train.token_metrics is on (its metrics are computed outside the pass)"),
+        (compute_dtype == torch.float16, "float16 compute needs loss scaling"),
+        (unsupported_model(model) is not None, unsupported_model(model) or ""),
+    ]
+    blocking = [reason for applies, reason in reasons if applies]
+    if params.cuda_graphs == "auto":
+        return not blocking
+    if params.cuda_graphs and blocking:
+        raise PipelineError(f"params key 'train.cuda_graphs' is true but {blocking[0]}")
+    return params.cuda_graphs
+
+
+def resolve_pad_multiple(params: TrainParams, cuda_graphs: bool) -> int:
+    """`auto`: 64 with CUDA graphs (each distinct batch shape costs a capture), else 1 (each batch padded to
+    its longest row: no token computed in vain)."""
+    if params.pad_to_multiple_of != "auto":
+        return params.pad_to_multiple_of
+    return 64 if cuda_graphs else 1
 
 
 def fuse_activations(model) -> int:
@@ -376,10 +419,17 @@ def train(
     model = get_peft_model(model, lora_config(lora, targets))
     trainable, all_params = model.get_nb_trainable_parameters()
     optimizer = resolve_optimizer(params.optim, device, trainable)
+    cuda_graphs = resolve_cuda_graphs(params, device, num_processes, passes_per_step, compute_dtype, model)
+    pad_multiple = resolve_pad_multiple(params, cuda_graphs)
+    graphed = None
+    if cuda_graphs:
+        from qlora_pipeline.cuda_graphs import GraphedTrainingPass
+
+        graphed = GraphedTrainingPass(model, compute_dtype)
 
     # The trainer wants a directory of its own even when it saves no checkpoints.
     work_dir = Path(tempfile.mkdtemp(prefix="qlora-trainer-"))
-    collator = TokenCountingCollator(tokenizer.pad_token_id, params.pad_to_multiple_of)
+    collator = TokenCountingCollator(tokenizer.pad_token_id, pad_multiple)
     run_log = RunLog(collator)
     if resume_from is not None:
         run_log.restore(checkpoints.load_state(resume_from), int(resume_from.name.removeprefix(checkpoints.PREFIX)))
@@ -402,6 +452,9 @@ def train(
         ddp_backend=("gloo" if device == "cpu" else "nccl") if num_processes > 1 else None,
         ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient every step
         logging_steps=params.log_every_steps,
+        # The filter checks every pass's loss for NaN on the host, making each step wait for the GPU; a
+        # non-finite loss is then reported as it is (and warned about) instead of replaced by an average.
+        logging_nan_inf_filter=False,
         eval_strategy="steps" if params.eval_every_steps else "no",
         eval_steps=params.eval_every_steps or None,
         per_device_eval_batch_size=micro_batch,
@@ -415,7 +468,7 @@ def train(
         remove_unused_columns=False,
         disable_tqdm=False,
     )
-    trainer = sft_trainer_class(collator, params.token_metrics)(
+    trainer = sft_trainer_class(collator, params.token_metrics, graphed)(
         model=model,
         args=config,
         train_dataset=train_set,
@@ -460,6 +513,10 @@ def train(
         "micro_batch_size": micro_batch,
         "passes_per_step": passes_per_step,
         "optimizer": optimizer,
+        "cuda_graphs": cuda_graphs,
+        "cuda_graph_shapes": len(graphed.graphs) if graphed else 0,
+        "cuda_graph_capture_s": round(graphed.capture_seconds, 2) if graphed else 0.0,
+        "pad_to_multiple_of": pad_multiple,
         "dequantized_cache_mb": dequantized_mb,
         "train_rows": len(train_set),
         "real_tokens": counts["real_tokens"],
@@ -469,6 +526,7 @@ def train(
         "runtime_s": round(run_log.seconds_before + seconds, 2),
         "real_tokens_per_s": round(counts["real_tokens"] / (run_log.seconds_before + seconds), 1),
         "peak_memory_mb": peak_memory_mb(device),
+        "peak_reserved_mb": round(torch.cuda.max_memory_reserved() / 2**20, 1) if device == "cuda" else None,
         "peak_memory_kind": ("cuda max allocated" if device == "cuda" else "process max RSS")
         + (" (first process)" if num_processes > 1 else ""),
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",

@@ -1,0 +1,76 @@
+"""CUDA-graphed training passes compute what eager passes compute. Needs a GPU: skipped on the CPU
+(CI); run on the GPU machine with `pytest tests/test_cuda_graphs.py`."""
+
+from __future__ import annotations
+
+import datasets
+import pytest
+import torch
+
+from qlora_pipeline.config import parse_params
+from qlora_pipeline.errors import PipelineError
+from qlora_pipeline.prompts import format_rows
+from qlora_pipeline.sources import fetch_model
+from qlora_pipeline.tasks import generate
+from qlora_pipeline.tokenization import tokenize_split
+from qlora_pipeline.training import resolve_cuda_graphs, resolve_pad_multiple, train
+
+from conftest import tiny_params
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+
+def params_for(**train):
+    # Dropout off (the tiny model has none either): eager and graphed passes must then agree step by step.
+    return parse_params(tiny_params(lora={"dropout": 0.0}, train={"checkpoint_every_steps": 0, "eval_every_steps": 0,
+                                                                  "max_steps": 6, **train}))
+
+
+def test_auto_picks_graphs_only_where_they_apply():
+    params = params_for()
+    assert resolve_cuda_graphs(params.train, "cpu", 1, 1, torch.float32, _Model()) is False
+    assert resolve_cuda_graphs(params.train, "cuda", 1, 1, torch.bfloat16, _Model()) is True
+    assert resolve_cuda_graphs(params.train, "cuda", 2, 1, torch.bfloat16, _Model()) is False
+    assert resolve_cuda_graphs(params.train, "cuda", 1, 2, torch.bfloat16, _Model()) is False
+    assert resolve_cuda_graphs(params.train, "cuda", 1, 1, torch.bfloat16, _Model(final_logit_softcapping=30.0)) is False
+    assert resolve_pad_multiple(params.train, True) == 64 and resolve_pad_multiple(params.train, False) == 1
+    forced = params_for(cuda_graphs=True)
+    with pytest.raises(PipelineError, match="params key 'train.cuda_graphs' is true but training runs on the CPU"):
+        resolve_cuda_graphs(forced.train, "cpu", 1, 1, torch.float32, _Model())
+
+
+class _Model:
+    """Just enough of a transformers model for resolve_cuda_graphs."""
+
+    def __init__(self, **config):
+        self.config = type("Config", (), {"get_text_config": lambda self: self, **config})()
+
+
+@gpu
+@pytest.mark.parametrize("architecture", ["tiny-gpt2", "tiny-llama"])
+def test_graphed_passes_match_eager_passes(tmp_path, architecture):
+    """Six steps over batches of several lengths (a capture per padded length, then replays): the same loss and
+    gradient norm at every step as eager passes, up to bfloat16 rounding."""
+    from qlora_pipeline.config import ModelParams
+
+    model_dir = tmp_path / "model"
+    fetch_model(ModelParams("random", architecture, "main", False, False), 0, model_dir)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    rows = format_rows(generate(64), "alpaca")
+    for split, part in (("train", rows[:48]), ("eval", rows[48:])):
+        items, _ = tokenize_split(tokenizer, part, 384, "completion")
+        datasets.Dataset.from_list(items).save_to_disk(str(tmp_path / "tokenized" / split))
+    runs = {}
+    for name, graphs in (("eager", False), ("graphed", True)):
+        params = params_for(cuda_graphs=graphs, pad_to_multiple_of=16, optim="adamw_torch")
+        runs[name] = train(model_dir, tmp_path / "tokenized", tmp_path / name, params.quantize, params.lora,
+                           params.train, params.seed)
+    eager, graphed = runs["eager"], runs["graphed"]
+    assert eager[0]["cuda_graphs"] is False and graphed[0]["cuda_graphs"] is True
+    assert graphed[0]["cuda_graph_shapes"] >= 2  # several lengths: captured once each, replayed after
+    assert eager[0]["real_tokens"] == graphed[0]["real_tokens"]
+    for a, b in zip(eager[1], graphed[1], strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=2e-2)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=5e-2)
