@@ -467,6 +467,10 @@ def train(
         dataset_kwargs={"skip_prepare_dataset": True},
         remove_unused_columns=False,
         disable_tqdm=False,
+        # Batches are copied to the GPU from pinned memory without waiting: a blocking copy would make the
+        # CPU wait for every queued kernel first, so it could never prepare the next step during this one.
+        dataloader_pin_memory=device == "cuda",
+        accelerator_config={"non_blocking": device == "cuda"},
     )
     trainer = sft_trainer_class(collator, params.token_metrics, graphed)(
         model=model,
