@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -123,6 +124,8 @@ def score(model_dir: Path, adapter_dir: Path, tokenized_eval, quantize, device: 
 
 
 def main(args: argparse.Namespace) -> None:
+    # The allocator setting the train stage uses in one process (stages/train.py); before CUDA starts.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     import datasets
     import torch
     import transformers

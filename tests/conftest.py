@@ -97,12 +97,26 @@ STAGES = (
 
 
 @pytest.fixture(scope="session")
-def ran(tmp_path_factory) -> Path:
-    """The tiny project after every stage ran once, in order. Shared: tests copy it, never change it."""
-    project = make_project(tmp_path_factory.mktemp("stages"), tiny_params())
-    for script, *args in STAGES:
-        run_stage(project, script, *args)
-    return project
+def reproduced(tmp_path_factory) -> tuple[Path, str]:
+    """The tiny project as a git + DVC repo after one `dvc repro` (nothing committed), and what the repro
+    printed. Shared by every test that needs a finished project: they copy it (copy_project), never change it."""
+    project = make_project(tmp_path_factory.mktemp("reproduced") / "project", tiny_params())
+    sh(project, "git", "init", "-q")
+    sh(project, "dvc", "init", "-q")
+    sh(project, "dvc", "config", "core.autostage", "false")
+    return project, sh(project, "dvc", "repro")
+
+
+@pytest.fixture(scope="session")
+def ran(reproduced) -> Path:
+    """The tiny project after every stage ran once, in order (through `dvc repro`)."""
+    return reproduced[0]
+
+
+def copy_project(project: Path, dest: Path) -> Path:
+    """A copy of a project with its git repository and DVC cache, to change freely."""
+    shutil.copytree(project, dest, symlinks=True)
+    return dest
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_project, sh, tiny_params, tool_env
+from conftest import copy_project, make_project, sh, tiny_params, tool_env
 from servers import S3_SECRET, SSHD, S3Server, SSHServer, add_remote
 
 pytestmark = pytest.mark.slow
@@ -72,10 +72,9 @@ def clone(project, dest, kind, server, env):
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory, env):
+def repo(reproduced, tmp_path_factory, env):
     """The tiny project reproduced and committed."""
-    project = git_repo(make_project(tmp_path_factory.mktemp("repo") / "project", tiny_params()), env)
-    sh(project, "dvc", "repro", env=env)
+    project = copy_project(reproduced[0], tmp_path_factory.mktemp("repo") / "project")
     commit_all(project, env, "tiny run")
     return project
 
