@@ -36,8 +36,6 @@ VARIANTS = {
     "pipeline-default": {},
     "eager": {"cuda_graphs": False},
     "graphs-pad32": {"pad_to_multiple_of": 32},
-    "graphs-pad128": {"pad_to_multiple_of": 128},
-    "eager-8bit-adamw": {"cuda_graphs": False, "optim": "adamw_8bit"},
     "8bit-adamw": {"optim": "adamw_8bit"},
     "token-metrics": {"token_metrics": True},
     "8bit-adamw-token-metrics": {"optim": "adamw_8bit", "token_metrics": True},

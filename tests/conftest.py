@@ -89,13 +89,6 @@ def project(tmp_path: Path) -> Path:
     return make_project(tmp_path / "project", tiny_params())
 
 
-# Every stage in pipeline order: script and arguments.
-STAGES = (
-    ("download.py", "model"), ("download.py", "data"), ("subset.py",), ("format.py",), ("tokenize_data.py",),
-    ("quantize_inspect.py",), ("train.py",), ("merge.py",), ("evaluate.py",),
-)
-
-
 @pytest.fixture(scope="session")
 def reproduced(tmp_path_factory) -> tuple[Path, str]:
     """The tiny project as a git + DVC repo after one `dvc repro` (nothing committed), and what the repro

@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import edit_params, run_stage
+from conftest import copy_project, edit_params, run_stage
 
 OUTPUTS = ("models", "data", "metrics", "reports", "checkpoints")
 
@@ -110,8 +110,7 @@ def snapshot(project):
 
 
 def stage_in_copy(ran, tmp_path, setup):
-    project = tmp_path / "project"
-    shutil.copytree(ran, project, symlinks=True)
+    project = copy_project(ran, tmp_path / "project")
     setup(project, tmp_path)
     return project
 
