@@ -63,7 +63,7 @@ def train_reference(model_dir: Path, rows, adapter_dir: Path, params, seed: int,
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, default_data_collator, set_seed
     from trl import SFTConfig, SFTTrainer
 
-    from qlora_pipeline.training import peak_memory_mb
+    from qlora_pipeline.training import peak_memory_mb, peak_reserved_mb
 
     set_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -99,7 +99,7 @@ def train_reference(model_dir: Path, rows, adapter_dir: Path, params, seed: int,
         "train_loss": round(result.training_loss, 4), "steps": trainer.state.global_step, "runtime_s": round(seconds, 2),
         "real_tokens_per_s": round(real_tokens / seconds, 1), "padded_tokens_per_step": 10 * 1024,
         "peak_memory_mb": peak_memory_mb(device),
-        "peak_reserved_mb": round(torch.cuda.max_memory_reserved() / 2**20, 1) if device == "cuda" else None,
+        "peak_reserved_mb": peak_reserved_mb(device),
     }
 
 

@@ -251,6 +251,7 @@ def resolve_cuda_graphs(params: TrainParams, device: str, num_processes: int, pa
 
     from qlora_pipeline.cuda_graphs import unsupported_model
 
+    model_problem = unsupported_model(model)
     reasons = [
         (device != "cuda", "training runs on the CPU"),
         (num_processes > 1, "train.num_processes > 1 (each process's gradients are all-reduced outside a graph)"),
@@ -258,7 +259,7 @@ def resolve_cuda_graphs(params: TrainParams, device: str, num_processes: int, pa
         (params.gradient_checkpointing, "train.gradient_checkpointing is on"),
         (params.token_metrics, "train.token_metrics is on (its metrics are computed outside the pass)"),
         (compute_dtype == torch.float16, "float16 compute needs loss scaling"),
-        (unsupported_model(model) is not None, unsupported_model(model) or ""),
+        (model_problem is not None, model_problem),
     ]
     blocking = [reason for applies, reason in reasons if applies]
     if params.cuda_graphs == "auto":
@@ -342,6 +343,13 @@ def save_adapter(model, tokenizer, adapter_dir: Path) -> None:
     if isinstance(config.get("target_modules"), list):
         config["target_modules"] = sorted(config["target_modules"])
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def peak_reserved_mb(device: str) -> float | None:
+    """Peak GPU memory the caching allocator held (None on the CPU): allocated memory plus its cached blocks."""
+    import torch
+
+    return round(torch.cuda.max_memory_reserved() / 2**20, 1) if device == "cuda" else None
 
 
 def peak_memory_mb(device: str) -> float:
@@ -530,7 +538,7 @@ def train(
         "runtime_s": round(run_log.seconds_before + seconds, 2),
         "real_tokens_per_s": round(counts["real_tokens"] / (run_log.seconds_before + seconds), 1),
         "peak_memory_mb": peak_memory_mb(device),
-        "peak_reserved_mb": round(torch.cuda.max_memory_reserved() / 2**20, 1) if device == "cuda" else None,
+        "peak_reserved_mb": peak_reserved_mb(device),
         "peak_memory_kind": ("cuda max allocated" if device == "cuda" else "process max RSS")
         + (" (first process)" if num_processes > 1 else ""),
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
