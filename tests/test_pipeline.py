@@ -138,7 +138,8 @@ def test_experiments_reuse_the_cache_and_compare(reproduced, tmp_path):
     assert ran == ["Running stage 'quantize-inspect':", "Running stage 'train':", "Running stage 'merge':",
                    "Running stage 'evaluate':"]
 
-    sh(project, "dvc", "exp", "run", "--queue", "-n", "sweep-a", "-S", "train.learning_rate=0.0001")
+    for name, lr in (("sweep-a", "0.0001"), ("sweep-b", "0.0003")):
+        sh(project, "dvc", "exp", "run", "--queue", "-n", name, "-S", f"train.learning_rate={lr}")
     sh(project, "dvc", "queue", "start", "-j", "1")
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
@@ -149,7 +150,7 @@ def test_experiments_reuse_the_cache_and_compare(reproduced, tmp_path):
     assert "Failed" not in status, status
     shown = json.loads(sh(project, "dvc", "exp", "show", "--json"))
     names = {exp.get("name") for commit in shown for exp in (commit.get("experiments") or [])}
-    assert {"lr-high", "sweep-a"} <= names, names
+    assert {"lr-high", "sweep-a", "sweep-b"} <= names, names
     diff = json.loads(sh(project, "dvc", "params", "diff", "HEAD", "lr-high", "--json"))
     assert diff["params.yaml"]["lora.r"] == {"old": 8, "new": 4, "diff": -4}
     metrics = json.loads(sh(project, "dvc", "metrics", "diff", "HEAD", "lr-high", "--json"))
