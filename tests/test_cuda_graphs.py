@@ -13,7 +13,8 @@ from qlora_pipeline.prompts import format_rows
 from qlora_pipeline.sources import fetch_model
 from qlora_pipeline.tasks import generate
 from qlora_pipeline.tokenization import tokenize_split
-from qlora_pipeline.training import resolve_cuda_graphs, resolve_pad_multiple, train
+from qlora_pipeline.execution import graph_blockers, resolve_pad_multiple
+from qlora_pipeline.training import train
 
 from conftest import tiny_params
 
@@ -26,21 +27,18 @@ def params_for(**train):
                                                                   "max_steps": 6, **train}))
 
 
-def test_auto_picks_graphs_only_where_they_apply():
+def test_graphs_are_blocked_only_where_they_would_compute_otherwise():
     params = params_for()
-    assert resolve_cuda_graphs(params.train, "cpu", 1, 1, torch.float32, _Model()) is False
-    assert resolve_cuda_graphs(params.train, "cuda", 1, 1, torch.bfloat16, _Model()) is True
-    assert resolve_cuda_graphs(params.train, "cuda", 2, 1, torch.bfloat16, _Model()) is False
-    assert resolve_cuda_graphs(params.train, "cuda", 1, 2, torch.bfloat16, _Model()) is False
-    assert resolve_cuda_graphs(params.train, "cuda", 1, 1, torch.bfloat16, _Model(final_logit_softcapping=30.0)) is False
+    assert graph_blockers(params.train, "cpu", 1, torch.float32, _Model(), False) == ["training runs on the CPU"]
+    assert graph_blockers(params.train, "cuda", 1, torch.bfloat16, _Model(), False) == []
+    assert graph_blockers(params.train, "cuda", 2, torch.bfloat16, _Model(), False)
+    assert graph_blockers(params.train, "cuda", 1, torch.bfloat16, _Model(final_logit_softcapping=30.0), False) == [
+        "the model's config sets final_logit_softcapping"]
     assert resolve_pad_multiple(params.train, True) == 64 and resolve_pad_multiple(params.train, False) == 1
-    forced = params_for(cuda_graphs=True)
-    with pytest.raises(PipelineError, match="params key 'train.cuda_graphs' is true but training runs on the CPU"):
-        resolve_cuda_graphs(forced.train, "cpu", 1, 1, torch.float32, _Model())
 
 
 class _Model:
-    """Just enough of a transformers model for resolve_cuda_graphs."""
+    """Just enough of a transformers model for graph_blockers."""
 
     def __init__(self, **config):
         self.config = type("Config", (), {"get_text_config": lambda self: self, **config})()
@@ -62,15 +60,21 @@ def test_graphed_passes_match_eager_passes(tmp_path, architecture):
     for split, part in (("train", rows[:48]), ("eval", rows[48:])):
         items, _ = tokenize_split(tokenizer, part, 384, "completion")
         datasets.Dataset.from_list(items).save_to_disk(str(tmp_path / "tokenized" / split))
-    runs = {}
-    for name, graphs in (("eager", False), ("graphed", True)):
-        params = params_for(cuda_graphs=graphs, pad_to_multiple_of=16, optim="adamw_torch")
-        runs[name] = train(model_dir, tmp_path / "tokenized", tmp_path / name, params.quantize, params.lora,
-                           params.train, params.seed)
-    eager, graphed = runs["eager"], runs["graphed"]
-    assert eager[0]["cuda_graphs"] is False and graphed[0]["cuda_graphs"] is True
-    assert graphed[0]["cuda_graph_shapes"] >= 2  # several lengths: captured once each, replayed after
-    assert eager[0]["real_tokens"] == graphed[0]["real_tokens"]
-    for a, b in zip(eager[1], graphed[1], strict=True):
-        assert b["loss"] == pytest.approx(a["loss"], rel=2e-2)
-        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=5e-2)
+    for packing in (False, True):
+        runs = {}
+        for name, graphs in (("eager", False), ("graphed", True), ("graphed-2-passes", True)):
+            micro = 4 if name.endswith("passes") else "auto"
+            params = params_for(cuda_graphs=graphs, pad_to_multiple_of=16, optim="adamw_torch", packing=packing,
+                                micro_batch_size=micro, gradient_checkpointing=False, dequantized_cache_mb=0)
+            runs[name] = train(model_dir, tmp_path / "tokenized", tmp_path / f"{name}-{packing}", params.quantize,
+                               params.lora, params.train, params.seed)
+        eager = runs["eager"]
+        assert eager[0]["cuda_graphs"] is False and eager[0]["packing"] is packing
+        for name in ("graphed", "graphed-2-passes"):
+            graphed = runs[name]
+            assert graphed[0]["cuda_graphs"] is True
+            assert graphed[0]["cuda_graph_shapes"] >= 2  # several lengths: captured once each, replayed after
+            assert eager[0]["real_tokens"] == graphed[0]["real_tokens"]
+            for a, b in zip(eager[1], graphed[1], strict=True):
+                assert b["loss"] == pytest.approx(a["loss"], rel=2e-2), (packing, name)
+                assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=5e-2), (packing, name)

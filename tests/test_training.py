@@ -1,4 +1,4 @@
-from qlora_pipeline.training import resolve_optimizer
+from qlora_pipeline.execution import resolve_optimizer
 
 
 def test_auto_optimizer_keeps_8bit_states_where_they_save_memory():

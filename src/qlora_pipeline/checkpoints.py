@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from qlora_pipeline import outputs
+from qlora_pipeline.config import LoraParams, QuantizeParams, TrainParams, as_dict
 from qlora_pipeline.errors import PipelineError
 
 RUN_FILE = "run.json"
@@ -121,3 +122,14 @@ def finish(directory: Path) -> None:
     for entry in directory.iterdir():
         if entry.name != RUN_FILE:
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+
+
+# Train keys that change neither the arithmetic nor the data order: a run may resume under other values
+# (the memory budget: the plan it leads to changes only the execution, and free memory differs run to run).
+_NOT_IN_RUN_IDENTITY = ("checkpoint_every_steps", "log_every_steps", "max_memory")
+
+
+def resume_params(quantize: QuantizeParams, lora: LoraParams, params: TrainParams, seed: int) -> dict[str, Any]:
+    """The params a checkpoint must share with the run that resumes from it."""
+    train = {k: v for k, v in as_dict(params).items() if k not in _NOT_IN_RUN_IDENTITY}
+    return {"seed": seed, "quantize": as_dict(quantize), "lora": as_dict(lora), "train": train}

@@ -43,16 +43,18 @@ class _Captured:
     input_ids: Any       # static inputs: each replay reads them, so batches are copied in
     labels: Any
     num_items: Any
-    loss: Any            # static outputs: each replay overwrites them
-    grads: list
+    boundaries: dict     # a packed batch's positions and row boundaries (static too); empty when padded
+    loss: Any            # static output: each replay overwrites it
 
 
 class GraphedTrainingPass:
     """Forward, loss and backward of one batch of a single-process run, from a CUDA graph per batch shape.
 
-    `__call__` leaves each trainable parameter's `.grad` holding this batch's gradient (as `loss.backward()`
-    on parameters without gradients does) and returns the loss. The caller must have consumed the gradients
-    (optimizer step, zero_grad) before the next call: graphs share one memory pool."""
+    Each pass adds its gradients into one set of buffers, allocated once outside the graphs' memory pool, and
+    `__call__` leaves each trainable parameter's `.grad` pointing at its buffer: the gradients of several passes
+    of an optimizer step add up there, as `loss.backward()` would accumulate them. The first pass of a step
+    (every `.grad` is None after the optimizer's zero_grad) clears the buffers. Graphs share one memory pool,
+    so the pool holds one pass's activations whatever the number of shapes."""
 
     def __init__(self, peft_model, compute_dtype):
         import torch
@@ -61,14 +63,15 @@ class GraphedTrainingPass:
         self.backbone = lm.base_model          # the transformer without its LM head
         self.head = lm.get_output_embeddings()
         self.params = [p for p in peft_model.parameters() if p.requires_grad]
+        self.grads = [torch.zeros_like(p) for p in self.params]
         self.compute_dtype = compute_dtype
-        self.pool = torch.cuda.graph_pool_handle()
+        self.pool = None
         self.stream = torch.cuda.Stream()
-        self.graphs: dict[tuple[int, ...], _Captured] = {}
+        self.graphs: dict[tuple, _Captured] = {}
         self.warmed_up = False
         self.capture_seconds = 0.0
 
-    def loss(self, input_ids, labels, num_items):
+    def loss(self, input_ids, labels, num_items, boundaries):
         """The pass a graph records, runnable eagerly too: -sum of log p(label) / num_items."""
         import torch
         from trl.kernels.chunked_logprob import ChunkedLogProbFunction
@@ -76,7 +79,7 @@ class GraphedTrainingPass:
         autocast = torch.autocast("cuda", dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32,
                                   cache_enabled=False)  # a graph must not keep casts cached across replays
         with autocast:
-            hidden = self.backbone(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]
+            hidden = self.backbone(input_ids=input_ids, use_cache=False, **boundaries).last_hidden_state[:, :-1]
             targets = labels[:, 1:]
             trained = targets != -100
             log_probs = ChunkedLogProbFunction.apply(
@@ -85,48 +88,67 @@ class GraphedTrainingPass:
             )[0]
             return -log_probs.view(trained.shape).masked_fill(~trained, 0).sum() / num_items.clamp(min=1)
 
-    def __call__(self, input_ids, labels, num_items):
+    def _backward_into_buffers(self, loss) -> None:
         import torch
 
+        torch._foreach_add_(self.grads, torch.autograd.grad(loss, self.params))
+
+    def __call__(self, input_ids, labels, num_items, boundaries: dict | None = None):
+        import torch
+
+        boundaries = _static_boundaries(boundaries or {}, input_ids.shape[1])
+        if all(p.grad is None for p in self.params):   # the first pass of an optimizer step
+            torch._foreach_zero_(self.grads)
         if not self.warmed_up:
             # The first pass runs eagerly on the capture stream: it initializes what must not be initialized
             # while capturing (kernel compilation, library handles and workspaces), and it is real training.
             self.stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self.stream):
-                loss = self.loss(input_ids, labels, torch.as_tensor(num_items, device=input_ids.device))
-                loss.backward()
+                loss = self.loss(input_ids, labels, torch.as_tensor(num_items, device=input_ids.device), boundaries)
+                self._backward_into_buffers(loss)
             torch.cuda.current_stream().wait_stream(self.stream)
             self.warmed_up = True
-            return loss.detach()
-        captured = self.graphs.get(tuple(input_ids.shape))
-        if captured is None:
-            captured = self.graphs[tuple(input_ids.shape)] = self._capture(input_ids)
-        captured.input_ids.copy_(input_ids)
-        captured.labels.copy_(labels)
-        captured.num_items.copy_(torch.as_tensor(num_items))
-        captured.graph.replay()
-        for param, grad in zip(self.params, captured.grads):
+            loss = loss.detach()
+            # The eager pass's cached blocks go back to the GPU, so that the graphs' pool can take that memory.
+            torch.cuda.empty_cache()
+        else:
+            key = (tuple(input_ids.shape), *(tuple(v.shape) for v in boundaries.values() if hasattr(v, "shape")))
+            captured = self.graphs.get(key)
+            if captured is None:
+                captured = self.graphs[key] = self._capture(input_ids, boundaries)
+            captured.input_ids.copy_(input_ids)
+            captured.labels.copy_(labels)
+            captured.num_items.copy_(torch.as_tensor(num_items))
+            for name, value in boundaries.items():
+                if hasattr(value, "copy_"):
+                    captured.boundaries[name].copy_(value)
+            captured.graph.replay()
+            loss = captured.loss.detach().clone()
+        for param, grad in zip(self.params, self.grads):
             param.grad = grad
-        return captured.loss.detach().clone()
+        return loss
 
-    def _capture(self, example_ids) -> _Captured:
+    def _capture(self, example_ids, example_boundaries) -> _Captured:
         import torch
 
         start = time.perf_counter()
-        if any(p.grad is not None for p in self.params):
-            raise RuntimeError("a graphed training pass needs the gradients cleared (zero_grad) before it")
         input_ids = torch.zeros_like(example_ids)
         labels = torch.full_like(example_ids, -100)
         num_items = torch.ones((), dtype=torch.int64, device=example_ids.device)
+        boundaries = {k: v.clone() if hasattr(v, "clone") else v for k, v in example_boundaries.items()}
         graph = torch.cuda.CUDAGraph()
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
         self.stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
-            loss = self.loss(input_ids, labels, num_items)
-            loss.backward()
+            loss = self.loss(input_ids, labels, num_items, boundaries)
+            self._backward_into_buffers(loss)
         torch.cuda.current_stream().wait_stream(self.stream)
-        # Backward wrote each gradient into memory of the graph's pool: every replay refills the same tensors.
-        grads = [p.grad for p in self.params]
-        for param in self.params:
-            param.grad = None
         self.capture_seconds += time.perf_counter() - start
-        return _Captured(graph, input_ids, labels, num_items, loss, grads)
+        return _Captured(graph, input_ids, labels, num_items, boundaries, loss)
+
+
+def _static_boundaries(boundaries: dict, tokens: int) -> dict:
+    """A packed batch's boundaries with a static longest-row length: flash attention needs it only as an upper
+    bound, and a graph bakes it in, so the pass's token count stands for it."""
+    return {k: (tokens if k.startswith("max_length") else v) for k, v in boundaries.items()}

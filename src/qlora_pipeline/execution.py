@@ -1,0 +1,136 @@
+"""How a training step is executed: processes, rows a pass, packing, CUDA graphs, checkpointing, optimizer.
+
+None of this changes what is optimized (the rows of each optimizer step, their order, the loss and its
+normalization); it decides how fast and in how much memory. On a GPU the memory plan (memory_plan.py)
+chooses what params leave on `auto`; on the CPU there is no GPU memory to plan for.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from qlora_pipeline.config import TrainParams
+from qlora_pipeline.errors import PipelineError
+
+
+def world() -> tuple[int, int, int]:
+    """(world size, rank, local rank) of this process, as torchrun and accelerate set them."""
+    return int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def summed_over_processes(values: list[int]) -> list[int]:
+    """`values` added up over all processes of a distributed run (unchanged in a single process)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    device = f"cuda:{world()[2]}" if dist.get_backend() == "nccl" else "cpu"
+    tensor = torch.tensor(values, dtype=torch.int64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def rows_per_process(params: TrainParams, num_processes: int) -> int:
+    """Rows each process trains on in an optimizer step, so that every step takes train.batch_size x
+    train.grad_accum rows whatever the number of processes; one-line errors where they do not divide."""
+    rows_per_step = params.batch_size * params.grad_accum
+    if rows_per_step % num_processes:
+        raise PipelineError(
+            f"params key 'train.num_processes': {num_processes} processes cannot share the {rows_per_step} rows "
+            "of an optimizer step evenly (train.batch_size x train.grad_accum)"
+        )
+    rows = rows_per_step // num_processes
+    if params.micro_batch_size != "auto" and rows % min(params.micro_batch_size, rows):
+        raise PipelineError(
+            f"params key 'train.micro_batch_size': {params.micro_batch_size} does not divide the {rows} rows "
+            f"of an optimizer step{' in each process' if num_processes > 1 else ''}"
+        )
+    return rows
+
+
+def resolve_optimizer(name: str, device: str, trainable_params: int) -> str:
+    """`auto`: torch's fused AdamW on a GPU unless bitsandbytes' 8-bit states would save at least 1 GiB
+    (6 bytes a parameter: two float32 moments against two 8-bit ones); 8-bit AdamW otherwise."""
+    if name != "auto":
+        return name
+    if device == "cuda" and trainable_params * 6 < 2**30:
+        return "adamw_torch_fused"
+    return "adamw_8bit"
+
+
+def resolve_packing(params: TrainParams, model) -> tuple[bool, str | None]:
+    """`auto`: pack a pass's rows into one sequence wherever packed attention reproduces the padded pass
+    (packing.py); `true` where it cannot is an error naming the reason. Returns (packing, why not)."""
+    from qlora_pipeline.packing import supports_packing
+
+    problem = supports_packing(model)
+    config = model.config.get_text_config()
+    dropout = getattr(config, "attention_dropout", None) or getattr(config, "attn_pdrop", None) or 0.0
+    if problem is None and dropout:
+        problem = "the model applies dropout to its attention weights (packed attention has none)"
+    if params.packing == "auto":
+        return problem is None, problem
+    if params.packing and problem:
+        raise PipelineError(f"params key 'train.packing' is true but {problem}")
+    return bool(params.packing), problem
+
+
+def graph_blockers(params: TrainParams, device: str, num_processes: int, compute_dtype, model, packing: bool) -> list[str]:
+    """Why passes cannot replay from CUDA graphs and compute what the eager pass computes (cuda_graphs.py);
+    empty when they can. Activation checkpointing, which is planned later, is the other reason."""
+    import torch
+
+    from qlora_pipeline.cuda_graphs import unsupported_model
+    from qlora_pipeline.packing import _varlen_attn
+
+    model_problem = unsupported_model(model)
+    reasons = [
+        (device != "cuda", "training runs on the CPU"),
+        (num_processes > 1, "train.num_processes > 1 (each process's gradients are all-reduced outside a graph)"),
+        (params.token_metrics, "train.token_metrics is on (its metrics are computed outside the pass)"),
+        (compute_dtype == torch.float16, "float16 compute needs loss scaling"),
+        (packing and _varlen_attn() is None, "packed attention needs torch's varlen_attn on the GPU to be captured"),
+        (model_problem is not None, model_problem),
+    ]
+    return [reason for applies, reason in reasons if applies]
+
+
+def resolve_pad_multiple(params: TrainParams, cuda_graphs: bool) -> int:
+    """`auto`: 64 with CUDA graphs (each distinct batch shape costs a capture), else 1 (each batch padded to
+    its longest row, or a packed pass to its tokens: no token computed in vain)."""
+    if params.pad_to_multiple_of != "auto":
+        return params.pad_to_multiple_of
+    return 64 if cuda_graphs else 1
+
+
+@dataclass(frozen=True)
+class Execution:
+    """The resolved execution of a run, as metrics/train.json reports it."""
+
+    rows_per_pass: int
+    passes_per_step: int
+    packing: bool
+    cuda_graphs: bool
+    checkpointed_layers: int
+    dequantized_cache_mb: float
+    pad_to_multiple_of: int
+    reason: str
+    plan: Any = None          # memory_plan.Plan on a GPU, None on the CPU
+
+
+def cpu_execution(params: TrainParams, rows: int, packing: bool, layers: int) -> Execution:
+    """On the CPU: the rows as params set them (auto: all of a step's in one pass), no graphs."""
+    rows_per_pass = rows if params.micro_batch_size == "auto" else min(params.micro_batch_size, rows)
+    checkpointed = layers if params.gradient_checkpointing is True else 0
+    cache = 2**20 if params.dequantized_cache_mb == "auto" else params.dequantized_cache_mb
+    return Execution(rows_per_pass, rows // rows_per_pass, packing, False, checkpointed, cache,
+                     resolve_pad_multiple(params, False), "the CPU: rows and checkpointing as params set them")
+
+
+def gpu_execution(params: TrainParams, plan, packing: bool, budget: float) -> Execution:
+    reason = f"fastest plan within {budget / 2**30:.1f} GiB: {plan.describe()}"
+    return Execution(plan.rows_per_pass, plan.passes_per_step, packing, plan.cuda_graphs, plan.checkpointed_layers,
+                     plan.dequantized_cache_mb, resolve_pad_multiple(params, plan.cuda_graphs), reason, plan)

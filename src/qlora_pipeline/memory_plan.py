@@ -1,0 +1,231 @@
+"""How a training step is executed within the GPU memory it may use (`train.max_memory`).
+
+What is optimized is fixed by params: the rows of each optimizer step, their order, the loss normalization.
+How a step is executed is a plan: rows a forward pass, how many of the model's layers recompute their
+activations in the backward pass (activation checkpointing), whether passes replay from CUDA graphs, how
+much of the 4-bit weights is also kept dequantized. The planner estimates each candidate's peak memory and
+step time from the model's shapes and the data's row lengths, and picks the fastest plan that fits. Keys set
+by hand (train.micro_batch_size, train.gradient_checkpointing, train.cuda_graphs, train.dequantized_cache_mb)
+are taken as they are; the planner chooses the rest.
+
+The memory model (bytes, per token of a pass unless said otherwise), calibrated on Llama-3-8B and 1B shapes
+on an H200 (bench/NOTES.md has the measurements it was fitted to):
+- a layer that keeps its activations: 60 x hidden + 14 x intermediate (bfloat16 autocast, float32 residual
+  stream, LoRA dropout masks and inputs, attention and MLP intermediates);
+- a checkpointed layer keeps its float32 input only: 4 x hidden; during the backward pass one layer at a
+  time is recomputed, so one full layer's activations come on top;
+- the loss head: trl's chunked log-probabilities, 4 x min(vocab, 32,768) + 8 x hidden.
+Weights: half a byte per 4-bit parameter plus its quantization constants, 2 or 4 bytes per other parameter
+(4 when upcast to float32). LoRA: the weights, their gradients and the optimizer's moments (float32).
+The caching allocator and the per-call dequantized weights need some room beyond that: MARGIN.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from qlora_pipeline.config import LoraParams, QuantizeParams, TrainParams
+from qlora_pipeline.errors import PipelineError
+
+GIB = 2**30
+MIB = 2**20
+# Room left for the allocator's fragmentation and transient buffers: a fraction of the budget and a fixed part.
+MARGIN_FRACTION = 0.06
+MARGIN_BYTES = 768 * MIB
+# trl's chunked log-probability kernel scores this many vocabulary columns at a time.
+HEAD_CHUNK = 32768
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """What memory and time follow from: the model's shapes, read from its config without loading a weight."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    vocab: int
+    linear_params: int        # weights of the blocks' linear layers (stored in 4 bit under QLoRA)
+    largest_linear: int       # parameters of the largest of them (dequantized one at a time)
+    other_params: int         # embeddings, norms, biases, output head
+    lora_params: int          # trainable LoRA parameters
+
+
+@dataclass(frozen=True)
+class Plan:
+    rows_per_pass: int
+    passes_per_step: int
+    checkpointed_layers: int
+    cuda_graphs: bool
+    dequantized_cache_mb: float
+    tokens_per_pass: int        # the most tokens a pass can hold (the longest rows of the data together)
+    peak_mb: float              # estimated peak GPU memory
+    step_s: float               # estimated time of an optimizer step (for ranking plans only)
+
+    def describe(self) -> str:
+        checkpointing = ("no" if not self.checkpointed_layers else f"{self.checkpointed_layers} layers'")
+        return (f"{self.passes_per_step} pass(es) of {self.rows_per_pass} rows (up to {self.tokens_per_pass:,} tokens), "
+                f"{checkpointing} activation checkpointing, CUDA graphs {'on' if self.cuda_graphs else 'off'}, "
+                f"dequantized-weight cache {self.dequantized_cache_mb:,.0f} MiB, estimated peak {self.peak_mb / 1024:.1f} GiB")
+
+
+def shapes_only_model(model_dir: str | Path):
+    """The model built from its config on the meta device: every shape, no memory, no weight read."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def model_size(model, lora: LoraParams) -> ModelSize:
+    """The shapes memory and time follow from (of a model on any device, the meta device included)."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    from qlora_pipeline.quantization import linear_layer_names
+
+    targets = set(linear_layer_names(model) if lora.target_modules == "auto" else lora.target_modules)
+    head = model.get_output_embeddings()
+    linear = lora_params = largest = 0
+    for name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not head:
+            count = module.weight.numel()
+            linear += count
+            largest = max(largest, count)
+            if name.rsplit(".", 1)[-1] in targets:
+                lora_params += lora.r * sum(module.weight.shape)
+    total = sum(p.numel() for p in model.parameters())
+    text = model.config.get_text_config()
+    hidden = getattr(text, "hidden_size", None) or text.n_embd
+    intermediate = getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None) or 4 * hidden
+    layers = getattr(text, "num_hidden_layers", None) or text.n_layer
+    return ModelSize(layers, hidden, intermediate, text.vocab_size, linear, largest, total - linear, lora_params)
+
+
+def weights_bytes(size: ModelSize, quantize: QuantizeParams, upcast: bool) -> float:
+    if quantize.load_in_4bit:
+        # Packed 4-bit weights; one constant per 64 weights (8 bit with double quantization, else float32).
+        linear = size.linear_params * (0.5 + (1 if quantize.double_quant else 4) / 64)
+    else:
+        linear = size.linear_params * 2
+    return linear + size.other_params * (4 if upcast else 2)
+
+
+def lora_bytes(size: ModelSize, eight_bit_optimizer: bool) -> float:
+    """LoRA weights and gradients (float32), the optimizer's two moments, and the graphs' gradient buffers."""
+    return size.lora_params * (4 + 4 + (2 if eight_bit_optimizer else 8) + 4)
+
+
+def activation_bytes(size: ModelSize, tokens: int, checkpointed_layers: int) -> float:
+    full_layer = 60 * size.hidden + 14 * size.intermediate
+    kept = (size.layers - checkpointed_layers) * full_layer + checkpointed_layers * 4 * size.hidden
+    recompute = full_layer if checkpointed_layers else 0
+    head = 4 * min(size.vocab, HEAD_CHUNK) + 8 * size.hidden
+    # The largest weight dequantized for a call, twice (forward and backward can overlap in the allocator).
+    return tokens * (kept + recompute + head) + 2 * 2 * size.largest_linear
+
+
+def step_seconds(size: ModelSize, tokens_per_step: int, passes: int, checkpointed_layers: int, graphs: bool,
+                 cached_fraction: float) -> float:
+    """A rough step time on a current GPU, to rank plans: matrix work, dequantization, kernel launches."""
+    recompute = checkpointed_layers / size.layers / 3          # a checkpointed layer runs its forward twice
+    matmul = 6 * (size.linear_params + size.vocab * size.hidden) * tokens_per_step * (1 + recompute) / 4e14
+    dequantize = passes * (2 + 3 * recompute) * size.linear_params * 2.5 / 2e12 * (1 - cached_fraction)
+    launches = passes * (size.layers * 150 + 100) * 5e-6 * (0.05 if graphs else 1)
+    return matmul + dequantize + launches
+
+
+def longest_pass_tokens(row_lengths: list[int], rows_per_pass: int, packing: bool) -> int:
+    """The most tokens one pass can hold: its rows are not known in advance, so the longest rows together
+    (packed), or the longest row times the rows (padded)."""
+    longest = sorted(row_lengths, reverse=True)[:rows_per_pass]
+    return sum(longest) if packing else longest[0] * rows_per_pass
+
+
+def memory_budget(max_memory: float | str, device_index: int = 0) -> float:
+    """Bytes this process may use on its GPU: `train.max_memory` GiB, or (auto) what is free, capped by the
+    process's memory fraction (torch.cuda.set_per_process_memory_fraction) where one is set."""
+    import torch
+
+    free, total = torch.cuda.mem_get_info(device_index)
+    get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    fraction = get_fraction(device_index) if get_fraction else 1.0
+    allowed = min(free, total * fraction)
+    if max_memory == "auto":
+        return allowed
+    return min(float(max_memory) * GIB, allowed) if max_memory else allowed
+
+
+def plan_step(size: ModelSize, params: TrainParams, quantize: QuantizeParams, rows_per_process: int,
+              row_lengths: list[int], packing: bool, budget: float, eight_bit_optimizer: bool,
+              graphs_allowed: bool) -> Plan:
+    """The fastest plan whose estimated peak fits `budget` bytes; PipelineError naming train.max_memory and
+    the smallest budget that would do when none fits."""
+    fixed = weights_bytes(size, quantize, params.upcast_non_quantized) + lora_bytes(size, eight_bit_optimizer)
+    usable = budget * (1 - MARGIN_FRACTION) - MARGIN_BYTES
+    rows_options = ([params.micro_batch_size] if params.micro_batch_size != "auto"
+                    else [d for d in range(rows_per_process, 0, -1) if rows_per_process % d == 0])
+    if params.gradient_checkpointing == "auto":
+        checkpoint_options = range(size.layers + 1)
+    else:
+        checkpoint_options = [size.layers if params.gradient_checkpointing else 0]
+    tokens_per_step = sum(sorted(row_lengths)[len(row_lengths) // 2] for _ in range(rows_per_process))
+    candidates, smallest = [], math.inf
+    for rows in rows_options:
+        if rows_per_process % rows:
+            continue
+        passes = rows_per_process // rows
+        tokens = longest_pass_tokens(row_lengths, rows, packing)
+        for layers in checkpoint_options:
+            need = fixed + activation_bytes(size, tokens, layers)
+            smallest = min(smallest, (need + MARGIN_BYTES) / (1 - MARGIN_FRACTION))
+            if need > usable:
+                continue
+            graph_options = [graphs_allowed and layers == 0] if params.cuda_graphs == "auto" else [bool(params.cuda_graphs)]
+            for graphs in graph_options:
+                cache = _cache_mb(size, quantize, params, usable - need)
+                cached_fraction = min(1.0, cache * MIB / max(size.linear_params * 2, 1))
+                plan = Plan(rows, passes, layers, graphs, cache, tokens, round((need + cache * MIB) / MIB, 1),
+                            step_seconds(size, tokens_per_step, passes, layers, graphs, cached_fraction))
+                candidates.append(plan)
+    if not candidates:
+        raise PipelineError(
+            f"params key 'train.max_memory': {budget / GIB:.1f} GiB is less than the {smallest / GIB:.1f} GiB that the "
+            f"smallest execution of this model and data needs (one row a pass, every layer checkpointed); "
+            "give it more, or shorten tokenize.max_length"
+        )
+    return min(candidates, key=lambda plan: (round(plan.step_s, 4), plan.peak_mb))
+
+
+def _cache_mb(size: ModelSize, quantize: QuantizeParams, params: TrainParams, spare: float) -> float:
+    """MiB of dequantized weights to keep: as set, or (auto) as much of them as the spare memory holds."""
+    if not quantize.load_in_4bit:
+        return 0.0
+    whole = size.linear_params * 2 / MIB
+    if params.dequantized_cache_mb != "auto":
+        return min(float(params.dequantized_cache_mb), whole)
+    return max(0.0, min(whole, math.floor(spare / MIB)))
+
+
+def fallback(plan: Plan, size: ModelSize, rows_per_process: int, row_lengths: list[int], packing: bool) -> Plan | None:
+    """The next smaller plan after an out-of-memory error: no cache and no graphs first, then more checkpointing,
+    then fewer rows a pass; None when there is none."""
+    if plan.dequantized_cache_mb or plan.cuda_graphs:
+        return replace(plan, dequantized_cache_mb=0.0, cuda_graphs=False)
+    if plan.checkpointed_layers < size.layers:
+        return replace(plan, checkpointed_layers=size.layers)
+    smaller = [d for d in range(plan.rows_per_pass - 1, 0, -1) if rows_per_process % d == 0]
+    if not smaller:
+        return None
+    rows = smaller[0]
+    return replace(plan, rows_per_pass=rows, passes_per_step=rows_per_process // rows,
+                   tokens_per_pass=longest_pass_tokens(row_lengths, rows, packing))
+
+
+def as_metrics(plan: Plan, budget: float | None, reason: str) -> dict[str, Any]:
+    return {"memory_budget_mb": round(budget / MIB, 1) if budget else None, "plan": reason,
+            **{f"plan_{k}": v for k, v in asdict(plan).items()}}

@@ -1,0 +1,303 @@
+"""The trainer room: trl's SFTTrainer as the train stage runs it, the collator that counts tokens, and the
+run log (step log, loss sum, token counts, held-out losses) that checkpoints carry across a resume."""
+
+from __future__ import annotations
+
+import collections
+import json
+import resource
+import shutil
+import tempfile
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from qlora_pipeline import checkpoints
+from qlora_pipeline.execution import summed_over_processes, world
+from qlora_pipeline.packing import BOUNDARY_KEYS
+
+
+class TokenCountingCollator:
+    """Batches of rows, packed into one sequence (packing.pack) or padded (trl's collator), counting the real
+    (non-padding), trained and computed tokens of each.
+
+    The data loader collates ahead of training, so a batch's counts wait in `pending` until the trainer
+    takes the batch (`count_next`): the totals are those of the batches trained on, which a checkpoint
+    can then record exactly. Trained tokens are the targets of the shifted loss (`labels[:, 1:]`)."""
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 1, packing: bool = False):
+        from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+        self.pad_token_id = pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.packing = packing
+        self.padded = DataCollatorForLanguageModeling(
+            pad_token_id=pad_token_id, pad_to_multiple_of=pad_to_multiple_of if pad_to_multiple_of > 1 else None
+        )
+        self.pending: collections.deque[tuple[int, int, int]] = collections.deque()
+        self.real_tokens = 0
+        self.trained_tokens = 0
+        self.padded_tokens = 0
+
+    def __call__(self, examples):
+        from qlora_pipeline.packing import pack
+
+        if self.packing:
+            batch = pack(examples, self.pad_token_id, self.pad_to_multiple_of)
+        else:
+            batch = self.padded(examples)
+        self.pending.append((
+            sum(len(e["input_ids"]) for e in examples), int((batch["labels"][:, 1:] != -100).sum()),
+            batch["input_ids"].numel(),
+        ))
+        return batch
+
+    def count_next(self) -> None:
+        real, trained, padded = self.pending.popleft()
+        self.real_tokens += real
+        self.trained_tokens += trained
+        self.padded_tokens += padded
+
+
+class RunLog:
+    """What the pipeline itself keeps of a run: the step log, the loss sum, the token counts and the time
+    spent. It is saved in every checkpoint, so a resumed run reports the whole run, not its last part."""
+
+    def __init__(self, collator: TokenCountingCollator):
+        self.collator = collator
+        self.rows: list[dict] = []
+        self.eval_rows: list[dict] = []   # held-out loss at the evaluation steps
+        self.loss_sum = 0.0           # sum over optimizer steps of each step's loss
+        self.last_logged_step = 0
+        self.seconds_before = 0.0     # training time spent before the latest resume
+        self.resumed_from_step = 0
+
+    COUNTS = ("real_tokens", "trained_tokens", "padded_tokens")
+
+    def token_counts(self) -> dict[str, int]:
+        """Tokens trained on so far, by all processes (a collective call in a distributed run)."""
+        return dict(zip(self.COUNTS, summed_over_processes([getattr(self.collator, n) for n in self.COUNTS])))
+
+    def state(self, seconds: float) -> dict[str, Any]:
+        return {"rows": self.rows, "eval_rows": self.eval_rows, "loss_sum": self.loss_sum,
+                "last_logged_step": self.last_logged_step, "seconds": seconds, "token_counts": self.token_counts()}
+
+    def restore(self, state: dict[str, Any], step: int) -> None:
+        self.rows = state["rows"]
+        self.eval_rows = state["eval_rows"]
+        self.loss_sum = state["loss_sum"]
+        self.last_logged_step = state["last_logged_step"]
+        self.seconds_before = state["seconds"]
+        self.resumed_from_step = step
+        # The saved counts are totals over all processes: one process carries them on, the others add theirs.
+        if world()[1] == 0:
+            for name, count in state["token_counts"].items():
+                setattr(self.collator, name, count)
+
+
+def _run_log_callback(run_log: RunLog):
+    from transformers import TrainerCallback
+
+    class RunLogCallback(TrainerCallback):
+        """Keeps one row per logged step (loss, learning rate, gradient norm, tokens seen, wall time) and
+        saves the run log into each checkpoint."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def elapsed(self) -> float:
+            return run_log.seconds_before + time.perf_counter() - self.start
+
+        def on_step_end(self, args, state, control, **kwargs):
+            # Log at every checkpoint and at the end, so the loss of every step reaches the run log
+            # (the Trainer forgets the loss of steps it has not logged when it resumes).
+            if control.should_save or state.global_step >= state.max_steps:
+                control.should_log = True
+            return control
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                run_log.loss_sum += logs["loss"] * (state.global_step - run_log.last_logged_step)
+                run_log.last_logged_step = state.global_step
+                run_log.rows.append({
+                    "step": state.global_step,
+                    "epoch": round(state.epoch or 0.0, 4),
+                    "loss": round(logs["loss"], 6),
+                    "learning_rate": logs.get("learning_rate"),
+                    "grad_norm": round(float(logs["grad_norm"]), 6) if logs.get("grad_norm") is not None else None,
+                    "tokens": run_log.token_counts()["real_tokens"],
+                    "seconds": round(self.elapsed(), 3),
+                })
+
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            if metrics and "eval_loss" in metrics:
+                run_log.eval_rows.append({"step": state.global_step, "loss": round(metrics["eval_loss"], 6)})
+
+        def on_save(self, args, state, control, **kwargs):
+            # Every process takes part (the token counts are summed over processes), so every process has
+            # finished writing its part of the checkpoint before the main one marks it complete.
+            run_state = run_log.state(self.elapsed())
+            if state.is_world_process_zero:
+                checkpoint = Path(args.output_dir) / f"{checkpoints.PREFIX}{state.global_step}"
+                checkpoints.save_state(checkpoint, run_state)
+
+    return RunLogCallback()
+
+
+def sft_trainer_class(collator: TokenCountingCollator, token_metrics: bool, graphed=None):
+    """trl's SFTTrainer, telling `collator` of each batch it trains on. Without token_metrics, its loss is
+    trl's own fused-head loss without the per-step entropy and token-accuracy metrics, whose `.item()`
+    calls make every step wait for the GPU. With `graphed` (a cuda_graphs.GraphedTrainingPass), each
+    training pass replays a CUDA graph instead of running forward and backward eagerly."""
+    from trl import SFTTrainer
+
+    class SFTTrainerCountingTokens(SFTTrainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            collator.count_next()
+            if graphed is None:
+                return super().training_step(model, inputs, num_items_in_batch)
+            # One process (resolve_cuda_graphs): the gradients need no all-reduce. The loss is normalized by the
+            # step's trained tokens, so the passes of a step add up to the step's gradient.
+            model.train()
+            inputs = self._prepare_inputs(inputs)
+            labels = inputs["labels"]
+            if num_items_in_batch is None:
+                num_items_in_batch = (labels[:, 1:] != -100).sum()
+            boundaries = {key: inputs[key] for key in BOUNDARY_KEYS if key in inputs}
+            return graphed(inputs["input_ids"], labels, num_items_in_batch, boundaries)
+
+        def evaluate(self, *args, **kwargs):
+            # Held-out batches go through the same collator: their counts are not training's.
+            waiting = len(collator.pending)
+            try:
+                return super().evaluate(*args, **kwargs)
+            finally:
+                while len(collator.pending) > waiting:
+                    collator.pending.pop()
+
+    if token_metrics:
+        return SFTTrainerCountingTokens
+
+    class SFTTrainerWithoutTokenMetrics(SFTTrainerCountingTokens):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            import torch
+
+            outputs = model(**inputs, fused_lm_head=True)
+            num_tokens = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
+            loss = -outputs.log_probs.sum() / torch.as_tensor(num_tokens).clamp(min=1)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes
+            return (loss, outputs) if return_outputs else loss
+
+    return SFTTrainerWithoutTokenMetrics
+
+
+def save_adapter(model, tokenizer, adapter_dir: Path) -> None:
+    """The adapter and tokenizer, byte for byte the same for the same weights: peft keeps
+    target_modules as a set and writes it in hash order, which differs from one process to the next."""
+    model.save_pretrained(adapter_dir)
+    tokenizer.save_pretrained(adapter_dir)
+    config_file = Path(adapter_dir) / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def peak_reserved_mb(device: str) -> float | None:
+    """Peak GPU memory the caching allocator held (None on the CPU): allocated memory plus its cached blocks."""
+    import torch
+
+    return round(torch.cuda.max_memory_reserved() / 2**20, 1) if device == "cuda" else None
+
+
+def peak_memory_mb(device: str) -> float:
+    import torch
+
+    if device == "cuda":
+        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    # Peak resident set of this process (KiB on Linux).
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+
+
+def fit(model, tokenizer, train_set, eval_set, params, run, optimizer: str, compute_dtype, device: str,
+        num_processes: int, seed: int, checkpoint_dir: Path | None, resume_from: Path | None):
+    """Train `model` (peft-wrapped) with the execution `run`; return (trainer state, run log, graphed pass).
+    An out-of-memory error leaves with the step it happened at (`qlora_step`), for the caller's fallback."""
+    import torch
+    from trl import SFTConfig
+
+    graphed = None
+    if run.cuda_graphs:
+        from qlora_pipeline.cuda_graphs import GraphedTrainingPass
+
+        graphed = GraphedTrainingPass(model, compute_dtype)
+    # The trainer wants a directory of its own even when it saves no checkpoints.
+    work_dir = Path(tempfile.mkdtemp(prefix="qlora-trainer-"))
+    collator = TokenCountingCollator(tokenizer.pad_token_id, run.pad_to_multiple_of, run.packing)
+    run_log = RunLog(collator)
+    if resume_from is not None:
+        run_log.restore(checkpoints.load_state(resume_from), int(resume_from.name.removeprefix(checkpoints.PREFIX)))
+    config = SFTConfig(
+        output_dir=str(checkpoint_dir if params.checkpoint_every_steps else work_dir),
+        num_train_epochs=params.epochs,
+        max_steps=params.max_steps,
+        per_device_train_batch_size=run.rows_per_pass,
+        gradient_accumulation_steps=run.passes_per_step,
+        learning_rate=params.learning_rate,
+        lr_scheduler_type=params.lr_scheduler,
+        warmup_steps=params.warmup_ratio,  # a float < 1 is a fraction of the total steps
+        optim=optimizer,
+        weight_decay=params.weight_decay,
+        max_grad_norm=params.max_grad_norm,
+        gradient_checkpointing=False,      # the execution checkpoints the layers it planned (speedups.checkpoint_layers)
+        bf16=compute_dtype == torch.bfloat16,
+        fp16=compute_dtype == torch.float16,
+        use_cpu=device == "cpu",
+        ddp_backend=("gloo" if device == "cpu" else "nccl") if num_processes > 1 else None,
+        ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient every step
+        logging_steps=params.log_every_steps,
+        # The filter checks every pass's loss for NaN on the host, making each step wait for the GPU; a
+        # non-finite loss is then reported as it is (and warned about) instead of replaced by an average.
+        logging_nan_inf_filter=False,
+        eval_strategy="steps" if params.eval_every_steps else "no",
+        eval_steps=params.eval_every_steps or None,
+        per_device_eval_batch_size=run.rows_per_pass,
+        prediction_loss_only=True,
+        save_strategy="steps" if params.checkpoint_every_steps else "no",
+        save_steps=params.checkpoint_every_steps or None,
+        report_to="none",
+        seed=seed,
+        data_seed=seed,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        remove_unused_columns=False,
+        disable_tqdm=False,
+        # Batches are copied to the GPU from pinned memory without waiting: a blocking copy would make the
+        # CPU wait for every queued kernel first, so it could never prepare the next step during this one.
+        dataloader_pin_memory=device == "cuda",
+        accelerator_config={"non_blocking": device == "cuda"},
+    )
+    sft_trainer = sft_trainer_class(collator, params.token_metrics, graphed)(
+        model=model,
+        args=config,
+        train_dataset=train_set,
+        eval_dataset=eval_set if params.eval_every_steps else None,
+        data_collator=collator,
+        processing_class=tokenizer,
+        callbacks=[_run_log_callback(run_log)],
+    )
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    if resume_from is not None:
+        print(f"train: resuming from {resume_from}", file=sys.stderr)
+    try:
+        sft_trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except torch.OutOfMemoryError as exc:
+        exc.qlora_step = sft_trainer.state.global_step - run_log.resumed_from_step
+        raise
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    return sft_trainer.state, run_log, graphed
