@@ -7,16 +7,15 @@ Run through DVC as `dvc repro download` (two stages, download@model and download
 changing the data source never re-converts the model).
 """
 
-import argparse
+import entry  # first: the library of this checkout (see entry.py)
+from qlora_pipeline import paths
 
-from qlora_pipeline.errors import run_stage
 
-
-def main(what: str, params_path: str = "params.yaml") -> None:
-    from qlora_pipeline import outputs, paths, sources
+def main(what: str) -> None:
+    from qlora_pipeline import outputs, sources
     from qlora_pipeline.config import as_dict, load_params
 
-    params = load_params(params_path)
+    params = load_params()
     if what == "model":
         with outputs.atomic_dir(paths.BASE_MODEL) as out:
             record = sources.fetch_model(params.model, params.seed, out)
@@ -31,8 +30,5 @@ def main(what: str, params_path: str = "params.yaml") -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["model", "data"])
-    parser.add_argument("--params", default="params.yaml")
-    args = parser.parse_args()
-    run_stage(lambda: main(args.what, args.params))
+    # The argument picks one of the two stages (download@model, download@data), and with it the output.
+    entry.run(main, __doc__, what={"model": [paths.BASE_MODEL], "data": [paths.RAW_DATA]})

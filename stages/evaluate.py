@@ -3,18 +3,17 @@
     python stages/evaluate.py   # models/base + models/merged + data -> metrics/eval.json, reports/eval_samples.jsonl, reports/eval.md, reports/eval_per_task.csv
 """
 
-import argparse
+import entry  # first: the library of this checkout (see entry.py)
+from qlora_pipeline import paths
 
-from qlora_pipeline.errors import run_stage
 
-
-def main(params_path: str = "params.yaml") -> None:
-    from qlora_pipeline import outputs, paths, reports
+def main() -> None:
+    from qlora_pipeline import outputs, reports
     from qlora_pipeline.config import load_params
     from qlora_pipeline.evaluation import evaluate
     from qlora_pipeline.quantization import resolve_device
 
-    params = load_params(params_path)
+    params = load_params()
     paths.require(paths.BASE_MODEL, paths.MERGED, paths.TOKENIZED, paths.FORMATTED)
     cfg = params.evaluate
     metrics, samples = evaluate(
@@ -31,6 +30,5 @@ def main(params_path: str = "params.yaml") -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    run_stage(lambda: main(parser.parse_args().params))
+    entry.run(main, __doc__, [paths.REPORTS / "eval_samples.jsonl", paths.REPORTS / "eval.md",
+                              paths.REPORTS / "eval_per_task.csv", paths.METRICS / "eval.json"])

@@ -3,17 +3,16 @@
     python stages/format.py   # data/subset -> data/formatted/{train,eval}.jsonl
 """
 
-import argparse
+import entry  # first: the library of this checkout (see entry.py)
+from qlora_pipeline import paths
 
-from qlora_pipeline.errors import run_stage
 
-
-def main(params_path: str = "params.yaml") -> None:
-    from qlora_pipeline import outputs, paths
+def main() -> None:
+    from qlora_pipeline import outputs
     from qlora_pipeline.config import load_params
     from qlora_pipeline.prompts import format_rows
 
-    params = load_params(params_path)
+    params = load_params()
     paths.require(paths.SUBSET)
     with outputs.atomic_dir(paths.FORMATTED) as out:
         for split in ("train", "eval"):
@@ -23,6 +22,4 @@ def main(params_path: str = "params.yaml") -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    run_stage(lambda: main(parser.parse_args().params))
+    entry.run(main, __doc__, [paths.FORMATTED])

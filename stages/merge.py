@@ -3,19 +3,18 @@
     python stages/merge.py   # models/base + models/adapter -> models/merged, metrics/merge.json
 """
 
-import argparse
+import entry  # first: the library of this checkout (see entry.py)
+from qlora_pipeline import paths
 
-from qlora_pipeline.errors import run_stage
 
-
-def main(params_path: str = "params.yaml") -> None:
+def main() -> None:
     import json
 
-    from qlora_pipeline import outputs, paths
+    from qlora_pipeline import outputs
     from qlora_pipeline.config import load_params
     from qlora_pipeline.merging import merge, model_card
 
-    params = load_params(params_path)
+    params = load_params()
     paths.require(paths.BASE_MODEL, paths.ADAPTER, paths.FORMATTED)
     with outputs.atomic_dir(paths.MERGED) as out:
         metrics = merge(paths.BASE_MODEL, paths.ADAPTER, paths.FORMATTED / "eval.jsonl", out, params.merge, params.quantize)
@@ -27,6 +26,4 @@ def main(params_path: str = "params.yaml") -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    run_stage(lambda: main(parser.parse_args().params))
+    entry.run(main, __doc__, [paths.MERGED, paths.METRICS / "merge.json"])

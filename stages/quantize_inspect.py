@@ -3,18 +3,17 @@
     python stages/quantize_inspect.py   # models/base -> metrics/quantize.json, reports/quantize.md, reports/quantize_memory.csv
 """
 
-import argparse
+import entry  # first: the library of this checkout (see entry.py)
+from qlora_pipeline import paths
 
-from qlora_pipeline.errors import run_stage
 
-
-def main(params_path: str = "params.yaml") -> None:
+def main() -> None:
     import json
 
-    from qlora_pipeline import outputs, paths, quantization, reports
+    from qlora_pipeline import outputs, quantization, reports
     from qlora_pipeline.config import load_params
 
-    params = load_params(params_path)
+    params = load_params()
     paths.require(paths.BASE_MODEL)
     device = quantization.resolve_device("auto")
     figures = quantization.inspect(paths.BASE_MODEL, params.quantize, params.lora, device)
@@ -29,6 +28,5 @@ def main(params_path: str = "params.yaml") -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    run_stage(lambda: main(parser.parse_args().params))
+    entry.run(main, __doc__, [paths.REPORTS / "quantize.md", paths.METRICS / "quantize.json",
+                              paths.REPORTS / "quantize_memory.csv"])

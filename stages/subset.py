@@ -3,17 +3,16 @@
     python stages/subset.py   # data/raw/rows.jsonl -> data/subset/{train,eval}.jsonl
 """
 
-import argparse
+import entry  # first: the library of this checkout (see entry.py)
+from qlora_pipeline import paths
 
-from qlora_pipeline.errors import run_stage
 
-
-def main(params_path: str = "params.yaml") -> None:
-    from qlora_pipeline import outputs, paths
+def main() -> None:
+    from qlora_pipeline import outputs
     from qlora_pipeline.config import load_params
     from qlora_pipeline.splits import make_subset
 
-    params = load_params(params_path)
+    params = load_params()
     paths.require(paths.RAW_DATA)
     rows = outputs.read_jsonl(paths.RAW_DATA / "rows.jsonl")
     train, held_out = make_subset(rows, params.subset.train_size, params.subset.eval_size, params.seed)
@@ -24,6 +23,4 @@ def main(params_path: str = "params.yaml") -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    run_stage(lambda: main(parser.parse_args().params))
+    entry.run(main, __doc__, [paths.SUBSET])

@@ -3,20 +3,19 @@
     python stages/tokenize_data.py   # data/formatted + models/base tokenizer -> data/tokenized/{train,eval}, metrics/tokenize.json
 """
 
-import argparse
+import entry  # first: the library of this checkout (see entry.py)
+from qlora_pipeline import paths
 
-from qlora_pipeline.errors import run_stage
 
-
-def main(params_path: str = "params.yaml") -> None:
+def main() -> None:
     import datasets
     from transformers import AutoTokenizer
 
-    from qlora_pipeline import outputs, paths
+    from qlora_pipeline import outputs
     from qlora_pipeline.config import load_params
     from qlora_pipeline.tokenization import tokenize_split
 
-    params = load_params(params_path)
+    params = load_params()
     paths.require(paths.BASE_MODEL, paths.FORMATTED)
     tokenizer = AutoTokenizer.from_pretrained(paths.BASE_MODEL)
     stats = {}
@@ -32,6 +31,4 @@ def main(params_path: str = "params.yaml") -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    run_stage(lambda: main(parser.parse_args().params))
+    entry.run(main, __doc__, [paths.TOKENIZED, paths.METRICS / "tokenize.json"])

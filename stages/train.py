@@ -7,12 +7,13 @@ on the CPU): `python -m torch.distributed.run --standalone --nproc_per_node N st
 Launching it that way by hand works too; only the first process writes outputs.
 """
 
-import argparse
 import os
 import subprocess
 import sys
 
-from qlora_pipeline.errors import PipelineError, run_stage
+import entry  # first: the library of this checkout (see entry.py)
+from qlora_pipeline import paths
+from qlora_pipeline.errors import PipelineError
 
 
 def launch(num_processes: int, params_path: str) -> None:
@@ -77,6 +78,5 @@ def main(params_path: str = "params.yaml") -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    run_stage(lambda: main(parser.parse_args().params))
+    entry.run(main, __doc__, [paths.ADAPTER, paths.METRICS / "train_log.csv", paths.TRAIN_LIVE,
+                              paths.METRICS / "train.json"], params_option=True)

@@ -7,6 +7,7 @@ test_stages.py (sources, micro-batches) and test_resume.py (foreign checkpoints)
 
 import resource
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -63,6 +64,16 @@ def delete_output(relative):
     return setup
 
 
+def link_output(relative):
+    """Move an output elsewhere and leave a symbolic link in its place, as a user saving disk space might."""
+    def setup(project, tmp):
+        moved = tmp / "elsewhere" / Path(relative).name
+        moved.parent.mkdir()
+        (project / relative).rename(moved)
+        (project / relative).symlink_to(moved)
+    return setup
+
+
 def write_params(text):
     def setup(project, tmp):
         (project / "params.yaml").write_text(text)
@@ -101,6 +112,9 @@ CASES = {
     # the pipeline's own inputs and the environment
     "upstream output missing": (delete_output("data/tokenized"), ("train.py",), "error: data/tokenized: not found; stage tokenize makes it: dvc repro tokenize", ""),
     "merged model missing": (delete_output("models/merged"), ("evaluate.py",), "error: models/merged: not found; stage merge makes it", ""),
+    # outputs a stage cannot replace: refused before any work, the model of the same stage untouched too
+    "output folder is a link": (link_output("models/merged"), ("merge.py",), "error: models/merged: the output is a symbolic link", ""),
+    "metrics file is a link": (link_output("metrics/merge.json"), ("merge.py",), "error: metrics/merge.json: the output is a symbolic link", ""),
     "GPU demanded, none present": (edit("train.device", "cuda"), ("train.py",), "error: params key 'train.device' is 'cuda' but no CUDA GPU is available", ""),
 }
 
@@ -128,7 +142,7 @@ def test_bad_input_stops_cleanly(ran, tmp_path, case):
     assert last.startswith(start) and detail in last, last
     assert "Traceback" not in result.stderr
     assert snapshot(project) == before
-    assert not list(project.glob("**/.*.tmp-*")), "temporary files left behind"
+    assert not list(project.glob("**/.*.tmp-*")) + list(project.glob("**/.*.old-*")), "temporary files left behind"
 
 
 def test_full_disk_leaves_the_previous_outputs(ran, tmp_path):

@@ -1,0 +1,45 @@
+"""What every stage script starts with (`import entry`, first) and ends with (`entry.run(main, ...)`).
+
+Importing this module puts the src/ beside this script first on sys.path, so a stage runs the library of the
+checkout it belongs to. `dvc exp run --queue` / `--temp` runs each experiment in a copy of the repository
+(.dvc/tmp/exps/...), while the editable install points at the main workspace's src/: without this, an
+experiment that changes library code would run the workspace's code, and its dvc.lock would record the
+hashes of code that did not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+sys.path.insert(0, str(SRC))
+
+
+def run(main: Callable[..., None], doc: str, writes: Sequence[str | Path] = (), *, params_option: bool = False,
+        **choices: Mapping[str, Sequence[str | Path]]) -> None:
+    """Run `main` as the stage: parse its command line (`doc`'s first line is the --help), refuse outputs it
+    cannot replace before any work, and stop on bad input with one line and exit status 2 (errors.run_stage).
+
+    writes: the stage's outputs, as dvc.yaml lists them.
+    choices: NAME={choice: the outputs it writes}, a positional argument, passed to `main` as NAME.
+    params_option: a --params FILE option, passed as params_path (for a stage that relaunches itself).
+    """
+    from qlora_pipeline.errors import run_stage
+    from qlora_pipeline.outputs import refuse_links
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    for name, outputs in choices.items():
+        parser.add_argument(name, choices=list(outputs))
+    if params_option:
+        parser.add_argument("--params", dest="params_path", default="params.yaml")
+    args = vars(parser.parse_args())
+    outputs = [*writes, *(path for name, per_choice in choices.items() for path in per_choice[args[name]])]
+
+    def stage() -> None:
+        refuse_links(*outputs)
+        main(**args)
+
+    run_stage(stage)
