@@ -31,7 +31,8 @@ def main(params_path: str = "params.yaml") -> None:
     from qlora_pipeline import checkpoints, outputs, paths, reports
     from qlora_pipeline.config import as_dict, load_params
     from qlora_pipeline.quantization import resolve_device
-    from qlora_pipeline.training import execution_plan, train, world
+    from qlora_pipeline.execution import rows_per_process, world
+    from qlora_pipeline.training import train
 
     params = load_params(params_path)
     paths.require(paths.BASE_MODEL, paths.TOKENIZED)
@@ -46,7 +47,7 @@ def main(params_path: str = "params.yaml") -> None:
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     if num_processes > 1 and "WORLD_SIZE" not in os.environ:
         # Check what can be checked before starting the processes, so bad params give one line.
-        execution_plan(params.train, num_processes)
+        rows_per_process(params.train, num_processes)
         if resolve_device(params.train.device) == "cuda":
             import torch
 

@@ -46,7 +46,10 @@ def test_quantize_inspect(ran):
     # tiny-gpt2: 2 blocks x (64*192 + 64*64 + 2*64*256) weights in 4 bit (bitsandbytes on the CPU needs in_features >= 64)
     assert figures["params_4bit"] == 2 * (64 * 192 + 64 * 64 + 2 * 64 * 256)
     assert figures["lora_target_modules"] == ["c_attn", "c_fc", "c_proj"]
-    assert "Linear4bit" in (ran / "reports/quantize.md").read_text()
+    report = (ran / "reports/quantize.md").read_text()
+    assert "Linear4bit" in report
+    # The comparison with the tutorial's distilgpt2 sizes is for distilgpt2's shapes only (tests/test_quantize.py).
+    assert "tutorial printed" not in report and "causal-mask" not in report
 
 
 def test_train(ran):
@@ -78,22 +81,33 @@ def test_train_is_reproducible(ran, tmp_path):
 
 def test_merge(ran):
     metrics = read_json(ran / "metrics/merge.json")
-    # float16 keeps 11 significant bits: relative error <= 2^-11 per weight, far below 1e-2 on logits here.
-    assert metrics["max_abs_logit_diff_vs_unmerged"] < 1e-2
+    assert metrics["base"] == "dequantized" and metrics["dequantized_weights"] == 2 * 4 and metrics["device"] == "cpu"
+    # Folded into the weights it was trained against, the merged model differs from the trained one only by
+    # float16's rounding of each weight (2^-11 relative): far below 1e-2 on logits here.
+    assert metrics["max_abs_logit_diff_vs_trained"] < 1e-2 and metrics["max_abs_logit_diff_vs_unmerged"] < 1e-2
     merged = ran / "models/merged"
     assert (merged / "model.safetensors").is_file() and (merged / "tokenizer.json").is_file()
     assert read_json(merged / "config.json")["dtype"] == "float16"
-    assert "tiny-gpt2" in (merged / "README.md").read_text()
+    assert read_json(merged / "merge_params.json")["base"] == "dequantized"
+    card = (merged / "README.md").read_text()
+    assert "tiny-gpt2" in card and "the 4-bit NF4 weights it was trained against, dequantized" in card
 
 
 def test_evaluate(ran):
     metrics = read_json(ran / "metrics/eval.json")
-    for label in ("base", "tuned"):
+    for label in ("base", "trained", "merged"):
         assert math.isfinite(metrics[label]["loss"]) and metrics[label]["answer_tokens"] > 0
         assert metrics[label]["perplexity"] == pytest.approx(math.exp(metrics[label]["loss"]), rel=1e-3)
         assert 0 <= metrics[label]["exact_match"] <= 1
+    # Merged into the dequantized weights in float16: the trained model's loss, up to float16 rounding.
+    assert abs(metrics["merging"]["loss_change"]) < 1e-3
+    assert metrics["merging"]["loss_change"] == round(metrics["merged"]["loss"] - metrics["trained"]["loss"], 6)
     samples = [json.loads(line) for line in (ran / "reports/eval_samples.jsonl").read_text().splitlines()]
-    assert len(samples) == 4 and {"prompt", "reference", "base", "tuned", "task"} <= set(samples[0])
+    assert len(samples) == 4 and {"prompt", "reference", "base", "trained", "merged", "task"} <= set(samples[0])
+    page = (ran / "reports/eval.md").read_text()
+    assert "| figure | base | trained | merged |" in page and "the dequantized base weights and saved in float16" in page
+    series = {row.split(",")[1] for row in (ran / "reports/eval_per_task.csv").read_text().splitlines()[1:]}
+    assert series == {"base", "trained", "merged"}
 
 
 @pytest.mark.parametrize(
@@ -213,17 +227,23 @@ def assert_same_steps(log_a, log_b, loss_rel, grad_rel):
         assert float(a["grad_norm"]) == pytest.approx(float(b["grad_norm"]), rel=grad_rel)
 
 
-def test_micro_batches_change_execution_not_what_is_optimized(ran, tmp_path):
-    """One pass of 8 rows or two of 4: the same loss and the same gradient at every step (the loss is
-    normalized over the tokens of the whole optimizer step). Adam's first updates are ~lr * sign(grad),
+def test_micro_batches_and_packing_change_execution_not_what_is_optimized(ran, tmp_path):
+    """One pass of 8 rows or two of 4, padded or packed: the same loss and the same gradient at every step (the
+    loss is normalized over the tokens of the whole optimizer step; a packed row attends only to itself). Adam's first updates are ~lr * sign(grad),
     which turns rounding noise in near-zero gradients into full-size differences, so the adapters
     themselves are compared through the gradient norm, not element by element."""
     runs = train_variants(ran, tmp_path, {
-        "one-pass": {"lora": {"dropout": 0.0}, "train": {"micro_batch_size": "auto"}},
-        "two-passes": {"lora": {"dropout": 0.0}, "train": {"micro_batch_size": 4}},
+        "one-pass": {"lora": {"dropout": 0.0}, "train": {"micro_batch_size": "auto", "packing": False}},
+        "two-passes": {"lora": {"dropout": 0.0}, "train": {"micro_batch_size": 4, "packing": False}},
+        "packed": {"lora": {"dropout": 0.0}, "train": {"micro_batch_size": 4, "packing": True}},
     })
     assert runs["one-pass"][0]["micro_batch_size"] == 8 and runs["two-passes"][0]["micro_batch_size"] == 4
     assert_same_steps(runs["one-pass"][1], runs["two-passes"][1], 1e-5, 1e-4)
+    packed, padded = runs["packed"][0], runs["two-passes"][0]
+    assert packed["packing"] and not padded["packing"]
+    assert packed["padded_tokens"] == packed["real_tokens"] == padded["real_tokens"] < padded["padded_tokens"]
+    assert packed["trained_tokens"] == padded["trained_tokens"]
+    assert_same_steps(runs["one-pass"][1], runs["packed"][1], 1e-5, 1e-4)
     bad = make_project(tmp_path / "bad", tiny_params(train={"micro_batch_size": 3}))
     for name in ("models/base", "data/tokenized"):
         shutil.copytree(ran / name, bad / name)
@@ -235,9 +255,9 @@ def test_micro_batches_change_execution_not_what_is_optimized(ran, tmp_path):
 def test_execution_params_keep_the_arithmetic(ran, tmp_path):
     """The dequantized-weight cache and the trainer without token metrics compute the same losses and gradients."""
     runs = train_variants(ran, tmp_path, {
-        "plain": {"train": {"dequantized_cache_mb": 0, "token_metrics": True}},
-        "cached": {"train": {"dequantized_cache_mb": 1024, "token_metrics": True}},
-        "quiet": {"train": {"dequantized_cache_mb": 0, "token_metrics": False}},
+        "plain": {"train": {"dequantized_cache_mb": 0, "token_metrics": True, "packing": False}},
+        "cached": {"train": {"dequantized_cache_mb": 1024, "token_metrics": True, "packing": False}},
+        "quiet": {"train": {"dequantized_cache_mb": 0, "token_metrics": False, "packing": False}},
     })
     assert runs["plain"][0]["dequantized_cache_mb"] == 0 and runs["cached"][0]["dequantized_cache_mb"] > 0
     assert_same_steps(runs["plain"][1], runs["cached"][1], 1e-6, 1e-5)

@@ -76,6 +76,7 @@ class TrainParams:
     max_steps: int
     batch_size: int
     grad_accum: int
+    max_memory: float | Literal["auto"]
     micro_batch_size: int | Literal["auto"]
     learning_rate: float
     lr_scheduler: str
@@ -83,11 +84,12 @@ class TrainParams:
     optim: str
     weight_decay: float
     max_grad_norm: float
-    gradient_checkpointing: bool
+    gradient_checkpointing: bool | Literal["auto"]
+    packing: bool | Literal["auto"]
     sdpa_cudnn: bool
     fused_activation: bool
     pad_to_multiple_of: int | Literal["auto"]
-    dequantized_cache_mb: float
+    dequantized_cache_mb: float | Literal["auto"]
     upcast_non_quantized: bool
     token_metrics: bool
     cuda_graphs: bool | Literal["auto"]
@@ -100,6 +102,7 @@ class TrainParams:
 
 @dataclass(frozen=True)
 class MergeParams:
+    base: Literal["dequantized", "original"]
     dtype: Literal["float16", "bfloat16", "float32"]
     compare_prompts: int
 
@@ -128,8 +131,12 @@ class Params:
 
 # Range checks that a type cannot express: key -> (predicate, what it must be).
 _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
-    "seed": (lambda v: v >= 0, ">= 0"),
+    "seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32) (numpy takes 32-bit seeds)"),
     "model.name": (bool, "non-empty"),
+    # Every stage after the download loads the model with transformers' own code, and hub downloads take
+    # no *.py: a model that needs its own code cannot run here, so the key only says so.
+    "model.trust_remote_code": (lambda v: v is False, "false (models that need their own Python code are not "
+                                "supported: use one whose architecture transformers has)"),
     "data.name": (bool, "non-empty"),
     "subset.train_size": (lambda v: v > 0, "> 0"),
     "subset.eval_size": (lambda v: v > 0, "> 0"),
@@ -145,7 +152,8 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "train.micro_batch_size": (lambda v: v == "auto" or v > 0, "'auto' or > 0"),
     "train.learning_rate": (lambda v: v > 0, "> 0"),
     "train.pad_to_multiple_of": (lambda v: v == "auto" or v >= 1, "'auto' or >= 1"),
-    "train.dequantized_cache_mb": (lambda v: v >= 0, ">= 0"),
+    "train.dequantized_cache_mb": (lambda v: v == "auto" or v >= 0, "'auto' or >= 0"),
+    "train.max_memory": (lambda v: v == "auto" or v > 0, "'auto' or > 0 (GiB)"),
     "train.warmup_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "train.weight_decay": (lambda v: v >= 0, ">= 0"),
     "train.max_grad_norm": (lambda v: v > 0, "> 0"),

@@ -5,13 +5,15 @@ the GPU waits (bench/NOTES.md). A CUDA graph records those kernels once and repl
 
 What stays the same: the rows of each step, the loss (the answer tokens' negative log-likelihood summed
 and divided by the step's trained tokens, as SFTTrainer computes it) and so the gradients, up to rounding:
-- No attention mask. Batches are right-padded and attention is causal, so no real token attends to a pad;
-  pads carry label -100, so no gradient reaches them either.
+- No attention mask. Padded batches are right-padded and attention is causal, so no real token attends to a
+  pad; packed passes carry their row boundaries (packing.py), whose tensors are static inputs like the ids.
+  Pads carry label -100, so no gradient reaches them either.
 - The LM head scores every position and the loss masks out the untrained ones (trl's fused head in the
   static-shape form it uses off Triton), where the eager pass gathers the trained positions first: that
   gather has a data-dependent shape, which a graph cannot hold.
 Each new shape is captured once (about one eager pass of CPU time); train.pad_to_multiple_of keeps the
 number of shapes small. Dropout stays random: the graph draws fresh random numbers at every replay.
+Checkpointed layers are not captured: their recomputation reads the RNG state on the host.
 """
 
 from __future__ import annotations

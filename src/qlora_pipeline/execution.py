@@ -110,15 +110,16 @@ def resolve_pad_multiple(params: TrainParams, cuda_graphs: bool) -> int:
 class Execution:
     """The resolved execution of a run, as metrics/train.json reports it."""
 
-    rows_per_pass: int
-    passes_per_step: int
+    rows_per_step: int            # in this process
+    rows_per_pass: int            # at most
+    tokens_per_pass: float        # at most (inf: no token bound)
     packing: bool
     cuda_graphs: bool
     checkpointed_layers: int
     dequantized_cache_mb: float
     pad_to_multiple_of: int
     reason: str
-    plan: Any = None          # memory_plan.Plan on a GPU, None on the CPU
+    plan: Any = None              # memory_plan.Plan on a GPU, None on the CPU
 
 
 def cpu_execution(params: TrainParams, rows: int, packing: bool, layers: int) -> Execution:
@@ -126,11 +127,11 @@ def cpu_execution(params: TrainParams, rows: int, packing: bool, layers: int) ->
     rows_per_pass = rows if params.micro_batch_size == "auto" else min(params.micro_batch_size, rows)
     checkpointed = layers if params.gradient_checkpointing is True else 0
     cache = 2**20 if params.dequantized_cache_mb == "auto" else params.dequantized_cache_mb
-    return Execution(rows_per_pass, rows // rows_per_pass, packing, False, checkpointed, cache,
-                     resolve_pad_multiple(params, False), "the CPU: rows and checkpointing as params set them")
+    return Execution(rows, rows_per_pass, float("inf"), packing, False, checkpointed, cache,
+                     resolve_pad_multiple(params, False), "the CPU: rows a pass and checkpointing as params set them")
 
 
-def gpu_execution(params: TrainParams, plan, packing: bool, budget: float) -> Execution:
+def gpu_execution(params: TrainParams, plan, rows: int, packing: bool, budget: float) -> Execution:
     reason = f"fastest plan within {budget / 2**30:.1f} GiB: {plan.describe()}"
-    return Execution(plan.rows_per_pass, plan.passes_per_step, packing, plan.cuda_graphs, plan.checkpointed_layers,
+    return Execution(rows, plan.rows_per_pass, plan.tokens_per_pass, packing, plan.cuda_graphs, plan.checkpointed_layers,
                      plan.dequantized_cache_mb, resolve_pad_multiple(params, plan.cuda_graphs), reason, plan)

@@ -55,20 +55,21 @@ class ModelSize:
 
 @dataclass(frozen=True)
 class Plan:
-    rows_per_pass: int
-    passes_per_step: int
+    rows_per_pass: int          # at most this many rows a pass
+    tokens_per_pass: int        # at most this many tokens a pass (the memory bound; a step takes as many passes as it needs)
+    passes_per_step: float      # passes an optimizer step takes on average, with this data
     checkpointed_layers: int
     cuda_graphs: bool
     dequantized_cache_mb: float
-    tokens_per_pass: int        # the most tokens a pass can hold (the longest rows of the data together)
     peak_mb: float              # estimated peak GPU memory
     step_s: float               # estimated time of an optimizer step (for ranking plans only)
 
     def describe(self) -> str:
         checkpointing = ("no" if not self.checkpointed_layers else f"{self.checkpointed_layers} layers'")
-        return (f"{self.passes_per_step} pass(es) of {self.rows_per_pass} rows (up to {self.tokens_per_pass:,} tokens), "
-                f"{checkpointing} activation checkpointing, CUDA graphs {'on' if self.cuda_graphs else 'off'}, "
-                f"dequantized-weight cache {self.dequantized_cache_mb:,.0f} MiB, estimated peak {self.peak_mb / 1024:.1f} GiB")
+        return (f"passes of up to {self.tokens_per_pass:,} tokens and {self.rows_per_pass} rows "
+                f"({self.passes_per_step:.2f} a step on average), {checkpointing} activation checkpointing, "
+                f"CUDA graphs {'on' if self.cuda_graphs else 'off'}, dequantized-weight cache "
+                f"{self.dequantized_cache_mb:,.0f} MiB, estimated peak {self.peak_mb / 1024:.1f} GiB")
 
 
 def shapes_only_model(model_dir: str | Path):
@@ -131,19 +132,35 @@ def activation_bytes(size: ModelSize, tokens: int, checkpointed_layers: int) -> 
 
 def step_seconds(size: ModelSize, tokens_per_step: int, passes: int, checkpointed_layers: int, graphs: bool,
                  cached_fraction: float) -> float:
-    """A rough step time on a current GPU, to rank plans: matrix work, dequantization, kernel launches."""
+    """A rough step time on a current GPU, to rank plans: matrix work (slower in small passes, whose matrix
+    products cannot fill the GPU), dequantization, kernel launches."""
     recompute = checkpointed_layers / size.layers / 3          # a checkpointed layer runs its forward twice
-    matmul = 6 * (size.linear_params + size.vocab * size.hidden) * tokens_per_step * (1 + recompute) / 4e14
+    tokens_per_pass = tokens_per_step / passes
+    efficiency = tokens_per_pass / (tokens_per_pass + 384)
+    matmul = 6 * (size.linear_params + size.vocab * size.hidden) * tokens_per_step * (1 + recompute) / 4e14 / efficiency
     dequantize = passes * (2 + 3 * recompute) * size.linear_params * 2.5 / 2e12 * (1 - cached_fraction)
     launches = passes * (size.layers * 150 + 100) * 5e-6 * (0.05 if graphs else 1)
     return matmul + dequantize + launches
 
 
 def longest_pass_tokens(row_lengths: list[int], rows_per_pass: int, packing: bool) -> int:
-    """The most tokens one pass can hold: its rows are not known in advance, so the longest rows together
-    (packed), or the longest row times the rows (padded)."""
+    """The most tokens a pass of `rows_per_pass` rows can hold: the longest rows together (packed), or the
+    longest row times the rows (padded)."""
     longest = sorted(row_lengths, reverse=True)[:rows_per_pass]
     return sum(longest) if packing else longest[0] * rows_per_pass
+
+
+def mean_passes(row_lengths: list[int], rows_per_step: int, max_tokens: float, max_rows: int, packing: bool,
+                seed: int = 0) -> float:
+    """Passes an optimizer step takes on average under these bounds: the data's steps of one shuffled epoch."""
+    import random
+
+    from qlora_pipeline.packing import split_into_passes
+
+    order = list(row_lengths)
+    random.Random(seed).shuffle(order)
+    steps = [order[i:i + rows_per_step] for i in range(0, len(order), rows_per_step)]
+    return sum(len(split_into_passes(step, max_tokens, max_rows, packing)) for step in steps) / max(len(steps), 1)
 
 
 def memory_budget(max_memory: float | str, device_index: int = 0) -> float:
@@ -164,39 +181,52 @@ def plan_step(size: ModelSize, params: TrainParams, quantize: QuantizeParams, ro
               row_lengths: list[int], packing: bool, budget: float, eight_bit_optimizer: bool,
               graphs_allowed: bool) -> Plan:
     """The fastest plan whose estimated peak fits `budget` bytes; PipelineError naming train.max_memory and
-    the smallest budget that would do when none fits."""
+    the smallest budget that would do when none fits.
+
+    A pass holds at most a token budget (train.micro_batch_size set by hand: at most that many rows instead),
+    so memory is bounded by the budget whatever rows a step draws; a step with long rows takes more passes."""
     fixed = weights_bytes(size, quantize, params.upcast_non_quantized) + lora_bytes(size, eight_bit_optimizer)
     usable = budget * (1 - MARGIN_FRACTION) - MARGIN_BYTES
-    rows_options = ([params.micro_batch_size] if params.micro_batch_size != "auto"
-                    else [d for d in range(rows_per_process, 0, -1) if rows_per_process % d == 0])
+    longest_row = max(row_lengths)
+    if params.micro_batch_size != "auto":
+        rows = min(params.micro_batch_size, rows_per_process)
+        bounds = [(rows, longest_pass_tokens(row_lengths, rows, packing))]
+    else:
+        # Token budgets from the longest row (one row a pass at worst) to the longest possible step, by 1/8ths.
+        most = longest_pass_tokens(row_lengths, rows_per_process, packing)
+        budgets, tokens = [], longest_row
+        while tokens < most:
+            budgets.append(tokens)
+            tokens = int(tokens * 1.125) + 1
+        budgets.append(most)
+        bounds = [(rows_per_process, tokens) for tokens in budgets]
     if params.gradient_checkpointing == "auto":
         checkpoint_options = range(size.layers + 1)
     else:
         checkpoint_options = [size.layers if params.gradient_checkpointing else 0]
-    tokens_per_step = sum(sorted(row_lengths)[len(row_lengths) // 2] for _ in range(rows_per_process))
+    typical_step = sorted(row_lengths)[len(row_lengths) // 2] * rows_per_process
     candidates, smallest = [], math.inf
-    for rows in rows_options:
-        if rows_per_process % rows:
-            continue
-        passes = rows_per_process // rows
-        tokens = longest_pass_tokens(row_lengths, rows, packing)
+    for rows, tokens in bounds:
+        passes = None
         for layers in checkpoint_options:
             need = fixed + activation_bytes(size, tokens, layers)
             smallest = min(smallest, (need + MARGIN_BYTES) / (1 - MARGIN_FRACTION))
             if need > usable:
                 continue
+            if passes is None:
+                passes = mean_passes(row_lengths, rows_per_process, tokens, rows, packing)
             graph_options = [graphs_allowed and layers == 0] if params.cuda_graphs == "auto" else [bool(params.cuda_graphs)]
             for graphs in graph_options:
                 cache = _cache_mb(size, quantize, params, usable - need)
                 cached_fraction = min(1.0, cache * MIB / max(size.linear_params * 2, 1))
-                plan = Plan(rows, passes, layers, graphs, cache, tokens, round((need + cache * MIB) / MIB, 1),
-                            step_seconds(size, tokens_per_step, passes, layers, graphs, cached_fraction))
-                candidates.append(plan)
+                candidates.append(Plan(rows, tokens, round(passes, 2), layers, graphs, cache,
+                                       round((need + cache * MIB) / MIB, 1),
+                                       step_seconds(size, typical_step, passes, layers, graphs, cached_fraction)))
     if not candidates:
         raise PipelineError(
             f"params key 'train.max_memory': {budget / GIB:.1f} GiB is less than the {smallest / GIB:.1f} GiB that the "
-            f"smallest execution of this model and data needs (one row a pass, every layer checkpointed); "
-            "give it more, or shorten tokenize.max_length"
+            f"smallest execution of this model and data needs (the longest row, {longest_row:,} tokens, alone in a "
+            "pass, every layer checkpointed); give it more, or shorten tokenize.max_length"
         )
     return min(candidates, key=lambda plan: (round(plan.step_s, 4), plan.peak_mb))
 
@@ -212,18 +242,18 @@ def _cache_mb(size: ModelSize, quantize: QuantizeParams, params: TrainParams, sp
 
 
 def fallback(plan: Plan, size: ModelSize, rows_per_process: int, row_lengths: list[int], packing: bool) -> Plan | None:
-    """The next smaller plan after an out-of-memory error: no cache and no graphs first, then more checkpointing,
-    then fewer rows a pass; None when there is none."""
+    """The next smaller plan after an out-of-memory error: no cache and no graphs first, then every layer
+    checkpointed, then half the tokens a pass (down to the longest row); None when there is none."""
     if plan.dequantized_cache_mb or plan.cuda_graphs:
         return replace(plan, dequantized_cache_mb=0.0, cuda_graphs=False)
     if plan.checkpointed_layers < size.layers:
         return replace(plan, checkpointed_layers=size.layers)
-    smaller = [d for d in range(plan.rows_per_pass - 1, 0, -1) if rows_per_process % d == 0]
-    if not smaller:
+    longest_row = max(row_lengths)
+    if plan.tokens_per_pass <= longest_row:    # the longest row alone in a pass: nothing smaller to fall back to
         return None
-    rows = smaller[0]
-    return replace(plan, rows_per_pass=rows, passes_per_step=rows_per_process // rows,
-                   tokens_per_pass=longest_pass_tokens(row_lengths, rows, packing))
+    tokens = max(longest_row, plan.tokens_per_pass // 2)
+    return replace(plan, tokens_per_pass=tokens, passes_per_step=round(
+        mean_passes(row_lengths, rows_per_process, tokens, plan.rows_per_pass, packing), 2))
 
 
 def as_metrics(plan: Plan, budget: float | None, reason: str) -> dict[str, Any]:

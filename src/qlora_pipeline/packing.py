@@ -26,11 +26,11 @@ ATTENTION = "qlora_packed"
 BOUNDARY_KEYS = ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
-def pack(examples: list[dict], pad_token_id: int, pad_to_multiple_of: int = 1) -> dict[str, Any]:
+def pack(examples: list[dict], pad_token_id: int, pad_to_multiple_of: int = 1, segments: int | None = None) -> dict[str, Any]:
     """One packed sequence of `examples` (each with `input_ids` and `labels`), as a batch of one row.
 
-    `cu_seq_lens_*` has one entry more than there are rows plus one: the tail of pad tokens is a segment of
-    its own (possibly empty), so the tensor's length depends only on the number of rows."""
+    The tail of pad tokens is a segment of its own (possibly empty). With `segments`, `cu_seq_lens_*` always has
+    `segments + 1` entries (empty segments at the end), so that passes with fewer rows keep the same shapes."""
     import torch
 
     lengths = [len(example["input_ids"]) for example in examples]
@@ -47,10 +47,26 @@ def pack(examples: list[dict], pad_token_id: int, pad_to_multiple_of: int = 1) -
         position_ids[0, start:start + length] = torch.arange(length)
         start += length
     position_ids[0, total:] = torch.arange(pad)
-    cu_seq_lens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist(), padded], dtype=torch.int32)
+    ends = torch.tensor(lengths).cumsum(0).tolist() + [padded]
+    ends += [padded] * ((segments or len(ends)) - len(ends))
+    cu_seq_lens = torch.tensor([0, *ends], dtype=torch.int32)
     longest = max(lengths + [pad])
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
             "cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens, "max_length_q": longest, "max_length_k": longest}
+
+
+def split_into_passes(lengths: list[int], max_tokens: float, max_rows: int, packing: bool) -> list[int]:
+    """How many rows each pass of a step takes, in order: as many as fit `max_tokens` (packed: their sum;
+    padded: the longest times the rows) and `max_rows`, and at least one."""
+    sizes, count, longest, tokens = [], 0, 0, 0
+    for length in lengths:
+        grown = tokens + length if packing else max(longest, length) * (count + 1)
+        if count and (grown > max_tokens or count == max_rows):
+            sizes.append(count)
+            count, longest, tokens = 0, 0, 0
+            grown = length
+        count, longest, tokens = count + 1, max(longest, length), tokens + length
+    return sizes + [count] if count else sizes
 
 
 def supports_packing(model) -> str | None:
@@ -98,7 +114,11 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     varlen = _varlen_attn() if query.is_cuda else None
     if varlen is not None:
         varlen_attn, takes_window, takes_gqa, takes_scale = varlen
-        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))   # (tokens, heads, head_dim)
+        # Flash attention computes in 16 bit: the autocast dtype, as scaled_dot_product_attention would under
+        # autocast (queries and keys arrive in float32 after rotary embeddings of an upcast model).
+        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else torch.bfloat16
+        dtype = query.dtype if query.dtype in (torch.float16, torch.bfloat16) else dtype
+        q, k, v = (t[0].transpose(0, 1).to(dtype) for t in (query, key, value))   # (tokens, heads, head_dim)
         if groups > 1 and not takes_gqa:
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         causal = {"window_size": (-1, 0)} if takes_window else {"is_causal": True}

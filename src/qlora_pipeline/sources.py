@@ -43,10 +43,23 @@ RANDOM_CONFIGS: dict[str, dict[str, Any]] = {
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
         bos_token_id=256, eos_token_id=256, tie_word_embeddings=False,
     ),
+    # The shapes QLoRA exists for (benchmarks; the embedded tokenizer's 49,152-token vocabulary): Meta's
+    # Llama-3-8B and Llama-3.2-1B configs otherwise.
+    "llama-3-8b": dict(
+        model_type="llama", vocab_size=49152, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
+        rms_norm_eps=1e-5, tie_word_embeddings=False,
+    ),
+    "llama-3.2-1b": dict(
+        model_type="llama", vocab_size=49152, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
+        rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
+    ),
 }
 # Tokenizers for random models, which have none of their own offline: the embedded model's (a real
 # 49,152-token BPE, realistic sequence lengths) or a byte-level one built in code (fast, for tests).
-RANDOM_TOKENIZERS = {"distilgpt2": "embedded", "tiny-gpt2": "bytes", "tiny-llama": "bytes"}
+RANDOM_TOKENIZERS = {"distilgpt2": "embedded", "tiny-gpt2": "bytes", "tiny-llama": "bytes", "llama-3-8b": "embedded",
+                     "llama-3.2-1b": "embedded"}
 
 _WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]
 _PICKLE_PATTERNS = ["*.bin", "*.pt", "*.pth"]  # torch pickles: loading them can run code
@@ -167,10 +180,8 @@ def _load_dir(path: Path, params: ModelParams):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     pickled = _check_weights_dir(path, params.allow_pickle)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.float32, use_safetensors=not pickled, trust_remote_code=params.trust_remote_code
-    )
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=params.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=not pickled)
+    tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
 
 

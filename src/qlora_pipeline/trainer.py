@@ -4,6 +4,7 @@ run log (step log, loss sum, token counts, held-out losses) that checkpoints car
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import resource
 import shutil
@@ -17,21 +18,34 @@ from qlora_pipeline import checkpoints
 from qlora_pipeline.execution import summed_over_processes, world
 from qlora_pipeline.packing import BOUNDARY_KEYS
 
+# The key under which a batch holds the passes that execute it.
+PASSES = "passes"
+
 
 class TokenCountingCollator:
-    """Batches of rows, packed into one sequence (packing.pack) or padded (trl's collator), counting the real
-    (non-padding), trained and computed tokens of each.
+    """An optimizer step's rows (in each process), collated as the passes that execute them, counting the real
+    (non-padding), trained and computed tokens of each step.
+
+    Passes: as many rows a pass as fit `max_tokens_per_pass` and `max_rows_per_pass` (packing.split_into_passes),
+    each packed into one sequence (packing.pack) or padded (trl's collator). The batch holds them under
+    PASSES, beside `labels` of the whole step, from which the Trainer counts the step's trained tokens (the
+    loss normalization). Without `split`, a batch is one plain pass, as trl's own loss expects it.
 
     The data loader collates ahead of training, so a batch's counts wait in `pending` until the trainer
     takes the batch (`count_next`): the totals are those of the batches trained on, which a checkpoint
     can then record exactly. Trained tokens are the targets of the shifted loss (`labels[:, 1:]`)."""
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 1, packing: bool = False):
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 1, packing: bool = False, split: bool = True,
+                 max_tokens_per_pass: float = float("inf"), max_rows_per_pass: int = 2**31, segments: int | None = None):
         from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
         self.pad_token_id = pad_token_id
         self.pad_to_multiple_of = pad_to_multiple_of
         self.packing = packing
+        self.split = split
+        self.max_tokens_per_pass = max_tokens_per_pass
+        self.max_rows_per_pass = max_rows_per_pass
+        self.segments = segments
         self.padded = DataCollatorForLanguageModeling(
             pad_token_id=pad_token_id, pad_to_multiple_of=pad_to_multiple_of if pad_to_multiple_of > 1 else None
         )
@@ -39,22 +53,42 @@ class TokenCountingCollator:
         self.real_tokens = 0
         self.trained_tokens = 0
         self.padded_tokens = 0
+        self.passes = 0               # passes trained, in this process since the run (re)started
 
-    def __call__(self, examples):
+    def one_pass(self, examples) -> dict:
         from qlora_pipeline.packing import pack
 
         if self.packing:
-            batch = pack(examples, self.pad_token_id, self.pad_to_multiple_of)
+            return pack(examples, self.pad_token_id, self.pad_to_multiple_of, self.segments)
+        return self.padded(examples)
+
+    def __call__(self, examples):
+        import torch
+
+        from qlora_pipeline.packing import split_into_passes
+
+        if not self.split:
+            passes = [self.one_pass(examples)]
+            batch = passes[0]
         else:
-            batch = self.padded(examples)
+            sizes = split_into_passes([len(e["input_ids"]) for e in examples], self.max_tokens_per_pass,
+                                      self.max_rows_per_pass, self.packing)
+            starts = [sum(sizes[:i]) for i in range(len(sizes))]
+            passes = [self.one_pass(examples[start:start + size]) for start, size in zip(starts, sizes)]
+            # Each pass's labels, one row each: the Trainer counts labels[..., 1:] of every row, i.e. the targets.
+            labels = [row for p in passes for row in p["labels"]]
+            width = max(len(row) for row in labels)
+            batch = {"labels": torch.stack([torch.nn.functional.pad(row, (0, width - len(row)), value=-100)
+                                            for row in labels]), PASSES: passes}
         self.pending.append((
-            sum(len(e["input_ids"]) for e in examples), int((batch["labels"][:, 1:] != -100).sum()),
-            batch["input_ids"].numel(),
+            sum(len(e["input_ids"]) for e in examples), sum(int((p["labels"][:, 1:] != -100).sum()) for p in passes),
+            sum(p["input_ids"].numel() for p in passes), len(passes),
         ))
         return batch
 
     def count_next(self) -> None:
-        real, trained, padded = self.pending.popleft()
+        real, trained, padded, passes = self.pending.popleft()
+        self.passes += passes
         self.real_tokens += real
         self.trained_tokens += trained
         self.padded_tokens += padded
@@ -155,17 +189,25 @@ def sft_trainer_class(collator: TokenCountingCollator, token_metrics: bool, grap
     class SFTTrainerCountingTokens(SFTTrainer):
         def training_step(self, model, inputs, num_items_in_batch=None):
             collator.count_next()
-            if graphed is None:
+            if PASSES not in inputs:
                 return super().training_step(model, inputs, num_items_in_batch)
-            # One process (resolve_cuda_graphs): the gradients need no all-reduce. The loss is normalized by the
-            # step's trained tokens, so the passes of a step add up to the step's gradient.
-            model.train()
-            inputs = self._prepare_inputs(inputs)
-            labels = inputs["labels"]
+            passes = inputs[PASSES]
             if num_items_in_batch is None:
-                num_items_in_batch = (labels[:, 1:] != -100).sum()
-            boundaries = {key: inputs[key] for key in BOUNDARY_KEYS if key in inputs}
-            return graphed(inputs["input_ids"], labels, num_items_in_batch, boundaries)
+                num_items_in_batch = sum((p["labels"][:, 1:] != -100).sum() for p in passes)
+            # The loss of each pass is normalized by the step's trained tokens, so the passes' gradients add up
+            # to the step's gradient; in a distributed run only the last pass all-reduces them.
+            loss = 0
+            for index, pass_inputs in enumerate(passes):
+                if graphed is not None:   # one process (execution.graph_blockers)
+                    model.train()
+                    pass_inputs = self._prepare_inputs(pass_inputs)
+                    boundaries = {key: pass_inputs[key] for key in BOUNDARY_KEYS if key in pass_inputs}
+                    loss = loss + graphed(pass_inputs["input_ids"], pass_inputs["labels"], num_items_in_batch, boundaries)
+                    continue
+                last = index == len(passes) - 1
+                with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
+                    loss = loss + super().training_step(model, pass_inputs, num_items_in_batch)
+            return loss
 
         def evaluate(self, *args, **kwargs):
             # Held-out batches go through the same collator: their counts are not training's.
@@ -183,6 +225,13 @@ def sft_trainer_class(collator: TokenCountingCollator, token_metrics: bool, grap
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             import torch
 
+            if PASSES in inputs:   # a held-out batch: the mean over its trained tokens, pass by pass
+                log_probs, tokens = 0, 0
+                for pass_inputs in inputs[PASSES]:
+                    outputs = model(**pass_inputs, fused_lm_head=True)
+                    log_probs, tokens = log_probs + outputs.log_probs.sum(), tokens + outputs.label_mask.sum()
+                loss = -log_probs / torch.as_tensor(tokens).clamp(min=1)
+                return (loss, None) if return_outputs else loss
             outputs = model(**inputs, fused_lm_head=True)
             num_tokens = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
             loss = -outputs.log_probs.sum() / torch.as_tensor(num_tokens).clamp(min=1)
@@ -237,7 +286,11 @@ def fit(model, tokenizer, train_set, eval_set, params, run, optimizer: str, comp
         graphed = GraphedTrainingPass(model, compute_dtype)
     # The trainer wants a directory of its own even when it saves no checkpoints.
     work_dir = Path(tempfile.mkdtemp(prefix="qlora-trainer-"))
-    collator = TokenCountingCollator(tokenizer.pad_token_id, run.pad_to_multiple_of, run.packing)
+    collator = TokenCountingCollator(
+        tokenizer.pad_token_id, run.pad_to_multiple_of, run.packing, split=not params.token_metrics,
+        max_tokens_per_pass=run.tokens_per_pass, max_rows_per_pass=run.rows_per_pass,
+        segments=run.rows_per_step + 1 if run.packing else None,
+    )
     run_log = RunLog(collator)
     if resume_from is not None:
         run_log.restore(checkpoints.load_state(resume_from), int(resume_from.name.removeprefix(checkpoints.PREFIX)))
@@ -245,8 +298,9 @@ def fit(model, tokenizer, train_set, eval_set, params, run, optimizer: str, comp
         output_dir=str(checkpoint_dir if params.checkpoint_every_steps else work_dir),
         num_train_epochs=params.epochs,
         max_steps=params.max_steps,
-        per_device_train_batch_size=run.rows_per_pass,
-        gradient_accumulation_steps=run.passes_per_step,
+        # The Trainer takes a step's rows at once; the collator splits them into the passes that execute them.
+        per_device_train_batch_size=run.rows_per_step,
+        gradient_accumulation_steps=1,
         learning_rate=params.learning_rate,
         lr_scheduler_type=params.lr_scheduler,
         warmup_steps=params.warmup_ratio,  # a float < 1 is a fraction of the total steps
@@ -265,7 +319,7 @@ def fit(model, tokenizer, train_set, eval_set, params, run, optimizer: str, comp
         logging_nan_inf_filter=False,
         eval_strategy="steps" if params.eval_every_steps else "no",
         eval_steps=params.eval_every_steps or None,
-        per_device_eval_batch_size=run.rows_per_pass,
+        per_device_eval_batch_size=run.rows_per_step,
         prediction_loss_only=True,
         save_strategy="steps" if params.checkpoint_every_steps else "no",
         save_steps=params.checkpoint_every_steps or None,

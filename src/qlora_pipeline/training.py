@@ -157,7 +157,7 @@ def plan_execution(model_dir, lora, quantize, params: TrainParams, device: str, 
     eight_bit = execution.resolve_optimizer(params.optim, device, size.lora_params) == "adamw_8bit"
     plan = memory_plan.plan_step(size, params, quantize, rows, row_lengths, packing, budget, eight_bit,
                                  graphs_allowed=not blockers)
-    return execution.gpu_execution(params, plan, packing, budget)
+    return execution.gpu_execution(params, plan, rows, packing, budget)
 
 
 def _smaller_execution(run: execution.Execution, exc: BaseException, params: TrainParams, model_dir, lora,
@@ -167,14 +167,13 @@ def _smaller_execution(run: execution.Execution, exc: BaseException, params: Tra
     smaller = None
     if run.plan is not None and step < FALLBACK_STEPS:
         size = memory_plan.model_size(memory_plan.shapes_only_model(model_dir), lora)
-        rows = run.rows_per_pass * run.passes_per_step
-        smaller = memory_plan.fallback(run.plan, size, rows, row_lengths, run.packing)
+        smaller = memory_plan.fallback(run.plan, size, run.rows_per_step, row_lengths, run.packing)
     if smaller is None:
         raise PipelineError(
             f"train: out of GPU memory at step {step} with {run.reason}; lower params key 'train.max_memory' "
             "(or set train.micro_batch_size / train.gradient_checkpointing by hand)"
         ) from exc
-    return execution.gpu_execution(params, smaller, run.packing, run.plan.peak_mb * memory_plan.MIB)
+    return execution.gpu_execution(params, smaller, run.rows_per_step, run.packing, run.plan.peak_mb * memory_plan.MIB)
 
 
 def _metrics(result, run: execution.Execution, seconds: float, dequantized_mb: float, optimizer: str, device: str,
@@ -183,6 +182,7 @@ def _metrics(result, run: execution.Execution, seconds: float, dequantized_mb: f
     import torch
 
     state, run_log, graphed = result
+    collator_passes = run_log.collator.passes
     counts = run_log.token_counts()
     steps = state.global_step
     train_loss = run_log.loss_sum / max(steps, 1)
@@ -198,7 +198,8 @@ def _metrics(result, run: execution.Execution, seconds: float, dequantized_mb: f
         "rows_per_step": params.batch_size * params.grad_accum,
         "num_processes": num_processes,
         "micro_batch_size": run.rows_per_pass,
-        "passes_per_step": run.passes_per_step,
+        "max_tokens_per_pass": run.tokens_per_pass if math.isfinite(run.tokens_per_pass) else None,
+        "passes_per_step": round(collator_passes / max(steps - run_log.resumed_from_step, 1), 3),
         "packing": run.packing,
         "checkpointed_layers": run.checkpointed_layers,
         "execution": run.reason,

@@ -1,0 +1,80 @@
+"""The memory plan: from shapes alone (no weights, no GPU), the fastest execution that fits a budget, the
+fallback after an out-of-memory error, and one line naming train.max_memory when nothing fits."""
+
+from __future__ import annotations
+
+import pytest
+
+from qlora_pipeline.config import parse_params
+from qlora_pipeline.errors import PipelineError
+from qlora_pipeline.memory_plan import GIB, ModelSize, fallback, longest_pass_tokens, model_size, plan_step, shapes_only_model
+
+from conftest import tiny_params
+
+# Llama-3-8B's shapes with the embedded tokenizer's vocabulary (what model_size reads off its config).
+LLAMA_8B = ModelSize(layers=32, hidden=4096, intermediate=14336, vocab=49152, linear_params=6_979_321_856,
+                     largest_linear=58_720_256, other_params=402_657_280, lora_params=20_971_520)
+# Alpaca-like rows: mostly short, a few cut at 1,024 tokens.
+ROWS = [150, 210, 95, 480, 1024, 300, 180, 1024, 260, 120] * 20
+
+
+def params(**train):
+    return parse_params(tiny_params(train=train))
+
+
+def plan(budget_gib, **train):
+    p = params(batch_size=2, grad_accum=5, **train)
+    return plan_step(LLAMA_8B, p.train, p.quantize, 10, ROWS, True, budget_gib * GIB, False, graphs_allowed=True)
+
+
+def test_the_plan_fits_the_budget_and_is_faster_with_more_memory():
+    roomy, card_24, card_16 = plan(130), plan(24), plan(16)
+    for chosen, budget in ((roomy, 130), (card_24, 24), (card_16, 16)):
+        assert chosen.peak_mb < budget * 1024 and chosen.rows_per_pass == 10 and chosen.passes_per_step >= 1
+    assert roomy.step_s <= card_24.step_s <= card_16.step_s
+    assert roomy.checkpointed_layers == 0 and card_16.checkpointed_layers > 0
+    assert card_16.cuda_graphs is False    # checkpointed passes are not captured
+
+
+def test_keys_set_by_hand_win():
+    chosen = plan(130, micro_batch_size=2, gradient_checkpointing=True, cuda_graphs=False, dequantized_cache_mb=0)
+    assert (chosen.rows_per_pass, chosen.checkpointed_layers, chosen.cuda_graphs, chosen.dequantized_cache_mb) == (2, 32, False, 0)
+    assert chosen.tokens_per_pass == 2 * 1024 and chosen.passes_per_step == 5
+
+
+def test_nothing_fits_names_the_key_and_the_least_that_would_do():
+    with pytest.raises(PipelineError, match=r"params key 'train.max_memory': 4.0 GiB is less than the \d+\.\d GiB"):
+        plan(4)
+
+
+def test_fallback_gives_up_speed_for_memory_step_by_step():
+    chosen = plan(130)
+    steps = [chosen]
+    while (smaller := fallback(steps[-1], LLAMA_8B, 10, ROWS, True)) is not None:
+        steps.append(smaller)
+    assert steps[1].dequantized_cache_mb == 0 and not steps[1].cuda_graphs
+    assert steps[-1].tokens_per_pass == 1024 and steps[-1].checkpointed_layers == 32
+    assert [s.tokens_per_pass for s in steps] == sorted((s.tokens_per_pass for s in steps), reverse=True)
+    assert [s.passes_per_step for s in steps] == sorted(s.passes_per_step for s in steps)
+
+
+def test_passes_follow_the_token_budget():
+    from qlora_pipeline.memory_plan import mean_passes
+
+    assert mean_passes([100] * 40, 10, 1000, 10, True) == 1
+    assert mean_passes([100] * 40, 10, 500, 10, True) == 2
+    assert mean_passes([100] * 40, 10, 10_000, 2, True) == 5
+
+
+def test_longest_pass_packed_or_padded():
+    assert longest_pass_tokens([5, 9, 3], 2, packing=True) == 14
+    assert longest_pass_tokens([5, 9, 3], 2, packing=False) == 18
+
+
+def test_model_size_reads_shapes_without_weights(tiny_model_dir):
+    lora = params().lora
+    size = model_size(shapes_only_model(tiny_model_dir), lora)
+    assert size.layers == 2 and size.hidden == 64 and size.vocab == 300
+    # tiny-gpt2: c_attn 64x192, c_proj 64x64, c_fc 64x256, mlp c_proj 256x64 per layer; LoRA r 8 on each
+    assert size.linear_params == 2 * (64 * 192 + 64 * 64 + 64 * 256 + 256 * 64)
+    assert size.lora_params == 2 * 8 * ((64 + 192) + (64 + 64) + (64 + 256) + (256 + 64))
