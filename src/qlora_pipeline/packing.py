@@ -17,6 +17,7 @@ optimized:
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any
 
@@ -89,8 +90,10 @@ def use_packed_attention(model) -> None:
     model.set_attn_implementation(ATTENTION)
 
 
+@functools.cache
 def _varlen_attn():
-    """torch's variable-length flash attention and how it takes causality, or None where torch lacks it."""
+    """torch's variable-length flash attention and what it takes (causality as a window or a flag, grouped
+    heads, a scale), or None where torch lacks it."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
