@@ -12,10 +12,13 @@ def main() -> None:
     from qlora_pipeline.config import load_params
     from qlora_pipeline.evaluation import evaluate
     from qlora_pipeline.quantization import resolve_device
+    from qlora_pipeline.tokenization import check_generation_context
 
     params = load_params()
     paths.require(paths.BASE_MODEL, paths.MERGED, paths.TOKENIZED, paths.FORMATTED)
     cfg = params.evaluate
+    prompts = [row["prompt"] for row in outputs.read_jsonl(paths.FORMATTED / "eval.jsonl")[: cfg.generate_rows]]
+    check_generation_context(paths.BASE_MODEL, prompts, cfg.max_new_tokens, str(paths.FORMATTED / "eval.jsonl"))
     metrics, samples = evaluate(
         paths.BASE_MODEL, paths.MERGED, paths.TOKENIZED / "eval", outputs.read_jsonl(paths.FORMATTED / "eval.jsonl"),
         cfg.batch_size, cfg.max_new_tokens, cfg.generate_rows, resolve_device("auto"),

@@ -94,6 +94,12 @@ CASES = {
     "unknown choice": (edit("quantize.quant_type", "int3"), ("quantize_inspect.py",), "error: params key 'quantize.quant_type': expected 'nf4' | 'fp4'", ""),
     "not YAML": (write_params("seed: 1\ntrain: [oops\n"), ("subset.py",), "error: params.yaml line", "not valid YAML"),
     "too many rows asked": (edit("subset.train_size", 5000), ("subset.py",), "error: params key 'subset.train_size'", ""),
+    "seed over 32 bits": (lambda p, t: edit_params(p, lambda d: d.update(seed=2**32)), ("subset.py",), "error: params key 'seed': must be in [0, 2**32)", ""),
+    "remote code asked": (edit("model.trust_remote_code", True), ("download.py", "model"), "error: params key 'model.trust_remote_code': must be false", ""),
+    # lengths past the tiny model's context (n_positions 512): refused before they fail deep in a later stage
+    "rows longer than the context": (edit("tokenize.max_length", 600), ("tokenize_data.py",), "error: params key 'tokenize.max_length': rows of up to 600 tokens, more than the model's context of 512 positions (n_positions in models/base/config.json)", ""),
+    "generation longer than the context": (edit("evaluate.max_new_tokens", 600), ("evaluate.py",), "error: params key 'evaluate.max_new_tokens': generating 600 tokens, more than the model's context of 512", ""),
+    "prompt + generation over the context": (edit("evaluate.max_new_tokens", 480), ("evaluate.py",), "error: params key 'evaluate.max_new_tokens': generating after the prompt of data/formatted/eval.jsonl row 1 (", "more than the model's context of 512"),
     # data files
     "empty data file": (data_file(""), ("download.py", "data"), "error: ", "rows.jsonl: no rows"),
     "malformed JSONL": (data_file(ROW + "{oops\n"), ("download.py", "data"), "error: ", "rows.jsonl line 2: not valid JSON"),

@@ -7,18 +7,79 @@ whatever the pad token is (padding is added per batch later, and masked out of t
 
 from __future__ import annotations
 
+import json
 import statistics
+from pathlib import Path
 from typing import Any
 
 from qlora_pipeline.errors import PipelineError
 
 IGNORE_INDEX = -100  # label value that the loss skips
 
+# A text whose first tokens cannot be had from a cut of it (below) is tokenized whole up to this many
+# characters (about 2 s and 200 MB) and refused beyond (a 20 MB row took 51 s and 4.1 GB).
+MAX_UNCUT_CHARS = 1_000_000
 
-def tokenize_row(tokenizer, prompt: str, completion: str, max_length: int, train_on: str) -> dict[str, Any]:
+
+def longest_token_chars(tokenizer) -> int:
+    """At least the characters one token covers: its longest vocabulary entry (byte-level vocabularies
+    spell each byte as one character, and a character is at least one byte)."""
+    return max(map(len, tokenizer.get_vocab()))
+
+
+def _cut_before_special_tokens(text: str, at: int, specials: list[str]) -> int:
+    """`at`, moved back before every special (added) token of `text` that straddles it."""
+    moved = True
+    while moved:
+        moved = False
+        for token in specials:
+            start = next((i for i in range(max(0, at - len(token) + 1), at) if text.startswith(token, i)), None)
+            if start is not None:
+                at, moved = start, True
+    return at
+
+
+def leading_ids(tokenizer, text: str, count: int, token_chars: int, where: str) -> tuple[list[int], bool]:
+    """The first `count` token ids of `text` (fewer if it has fewer), and whether it has more; time and memory
+    bounded by `count`, not by the length of `text`.
+
+    `count` tokens cover at most count * token_chars characters, so a longer text is tokenized cut to that
+    length, moved back before any special token the cut would split. Such a cut changes no token before
+    the last word (pre-token) it leaves: a fast tokenizer takes out the special tokens, splits the rest into
+    words whose extent depends on the characters up to the one after them (the regex, whitespace and
+    metaspace pre-tokenizers of GPT-2, Llama and the like) and tokenizes each word on its own. When the
+    tokens before that last word are fewer than `count` (one enormous word, or a tokenizer that does not
+    split text), the text is tokenized whole, up to MAX_UNCUT_CHARS characters, and refused beyond.
+    """
+    head_chars = count * token_chars
+    if len(text) > head_chars and tokenizer.is_fast:
+        specials = [token.content for token in tokenizer.added_tokens_decoder.values()]
+        encoding = tokenizer(text[: _cut_before_special_tokens(text, head_chars, specials)], add_special_tokens=False)
+        words = encoding.word_ids()
+        settled = encoding["input_ids"][: words.index(words[-1])] if words else []
+        if len(settled) >= count:
+            return settled[:count], True
+    if len(text) > MAX_UNCUT_CHARS:
+        raise PipelineError(
+            f"{where}: {len(text):,} characters with no word break in the first {head_chars:,} to cut them at "
+            f"(a row is tokenized whole up to {MAX_UNCUT_CHARS:,}); shorten or drop the row"
+        )
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids[:count], len(ids) > count
+
+
+def tokenize_row(tokenizer, prompt: str, completion: str, max_length: int, train_on: str,
+                 token_chars: int | None = None, where: str = "row") -> dict[str, Any]:
     """One row as input_ids / labels, truncated to `max_length` tokens (the answer is cut first)."""
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    answer_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    token_chars = token_chars or longest_token_chars(tokenizer)
+    prompt_ids, prompt_cut = leading_ids(tokenizer, prompt, max_length, token_chars, f"{where} (prompt)")
+    room = max_length - len(prompt_ids)
+    if room:
+        answer_ids, answer_cut = leading_ids(tokenizer, completion, room, token_chars, f"{where} (completion)")
+    else:  # the prompt fills max_length
+        answer_ids, answer_cut = [], True
+    if not answer_cut:
+        answer_ids.append(tokenizer.eos_token_id)
     input_ids = (prompt_ids + answer_ids)[:max_length]
     if train_on == "completion":
         labels = ([IGNORE_INDEX] * len(prompt_ids) + answer_ids)[:max_length]
@@ -27,16 +88,56 @@ def tokenize_row(tokenizer, prompt: str, completion: str, max_length: int, train
     return {
         "input_ids": input_ids,
         "labels": labels,
-        "prompt_length": min(len(prompt_ids), max_length),
-        "full_length": len(prompt_ids) + len(answer_ids),
+        "prompt_length": len(prompt_ids),
+        "truncated": prompt_cut or answer_cut or len(prompt_ids) + len(answer_ids) > max_length,
     }
 
 
-def tokenize_split(tokenizer, rows: list[dict], max_length: int, train_on: str) -> tuple[list[dict], dict[str, Any]]:
-    """Tokenize a split; rows left with no trained token are dropped. Returns the rows and their statistics."""
+def model_context(model_dir: str | Path) -> tuple[int, str] | None:
+    """The positions the model has (its context) and the config.json key that says so, when one does."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    for key in ("n_positions", "max_position_embeddings", "n_ctx"):
+        if isinstance(config.get(key), int):
+            return config[key], key
+    return None
+
+
+def refuse_over_context(model_dir: str | Path, key: str, tokens: int, what: str) -> None:
+    """Stop naming the params key when `tokens` positions (`what`) exceed the model's context; past it a model
+    with learned positions fails with a bare IndexError, and one with rotary positions computes nonsense."""
+    context = model_context(model_dir)
+    if context and tokens > context[0]:
+        raise PipelineError(f"params key '{key}': {what} {tokens} tokens, more than the model's context of "
+                            f"{context[0]} positions ({context[1]} in {Path(model_dir) / 'config.json'})")
+
+
+def check_generation_context(model_dir: str | Path, prompts: list[str], max_new_tokens: int, where: str) -> None:
+    """Refuse generating `max_new_tokens` after the longest of `prompts` (rows of the file `where`) past the
+    model's context, naming evaluate.max_new_tokens and that row."""
+    from transformers import AutoTokenizer
+
+    context = model_context(model_dir)
+    if not context:
+        return
+    refuse_over_context(model_dir, "evaluate.max_new_tokens", max_new_tokens, "generating")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    token_chars = longest_token_chars(tokenizer)
+    for index, prompt in enumerate(prompts):
+        row = f"{where} row {index + 1}"
+        ids, more = leading_ids(tokenizer, prompt, context[0], token_chars, f"{row} (prompt)")
+        refuse_over_context(model_dir, "evaluate.max_new_tokens", len(ids) + max_new_tokens,
+                            f"generating after the prompt of {row} ({'over ' if more else ''}{len(ids)} tokens) takes")
+
+
+def tokenize_split(tokenizer, rows: list[dict], max_length: int, train_on: str,
+                   where: str = "rows") -> tuple[list[dict], dict[str, Any]]:
+    """Tokenize a split (`where`: its file, for errors); rows left with no trained token are dropped.
+    Returns the rows and their statistics."""
     kept, dropped = [], 0
-    for row in rows:
-        item = tokenize_row(tokenizer, row["prompt"], row["completion"], max_length, train_on)
+    token_chars = longest_token_chars(tokenizer)
+    for index, row in enumerate(rows):
+        item = tokenize_row(tokenizer, row["prompt"], row["completion"], max_length, train_on, token_chars,
+                            f"{where} row {index + 1}")
         if all(label == IGNORE_INDEX for label in item["labels"]):
             dropped += 1
             continue
@@ -50,7 +151,7 @@ def tokenize_split(tokenizer, rows: list[dict], max_length: int, train_on: str) 
     lengths = [len(r["input_ids"]) for r in kept]
     stats = {
         "rows": len(kept),
-        "rows_truncated": sum(r["full_length"] > max_length for r in kept),
+        "rows_truncated": sum(r["truncated"] for r in kept),
         "rows_dropped_prompt_too_long": dropped,
         "tokens": sum(lengths),
         "trained_tokens": sum(sum(label != IGNORE_INDEX for label in r["labels"]) for r in kept),
