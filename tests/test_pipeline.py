@@ -99,8 +99,9 @@ OFFLINE_TEMPLATE = ROOT / "plots" / "offline.html"
 
 def check_plots_render(project, tmp_path):
     """`dvc plots diff` of the committed run and the workspace (another learning rate), rendered by headless
-    Chromium from the offline page: Vega draws each of the four plots (a canvas in each plot's element;
-    on an error vega-embed leaves the element without one)."""
+    Chromium from the offline page: Vega draws each of the four plots (an SVG, Vega-Embed's default renderer,
+    in each plot's element, with the lines or bars of the data; on an error vega-embed leaves the element
+    without one)."""
     if not (CHROMIUM and OFFLINE_TEMPLATE.is_file()):
         if os.environ.get("CI"):
             pytest.fail("CI must have chromium and plots/offline.html (.ci/run and setup.sh install them)")
@@ -119,10 +120,12 @@ def check_plots_render(project, tmp_path):
         capture_output=True, text=True, timeout=120,
     )
     dom = result.stdout
-    for plot in ("loss", "learning_rate", "exact_match_per_task", "memory_by_module"):
+    for plot, mark in (("loss", "line mark"), ("learning_rate", "line mark"), ("exact_match_per_task", "bar"),
+                       ("memory_by_module", "bar")):
         drawn = re.search(rf'<div id="{plot}" class="vega-embed[^"]*"><div class="chart-wrapper"[^>]*>'
-                          r'<canvas width="(\d+)" height="(\d+)"', dom)
+                          r'<svg[^>]*? width="(\d+)" height="(\d+)".*?</svg>', dom, re.S)
         assert drawn and int(drawn[1]) > 200 and int(drawn[2]) > 150, f"{plot} not drawn:\n{dom[-3000:]}"
+        assert f'aria-roledescription="{mark}" d="M' in drawn[0], f"{plot}: no {mark} drawn:\n{drawn[0][-3000:]}"
 
 
 def test_experiments_reuse_the_cache_and_compare(reproduced, tmp_path):
