@@ -179,14 +179,16 @@ def _run_log_callback(run_log: RunLog):
     return RunLogCallback()
 
 
-def sft_trainer_class(collator: TokenCountingCollator, token_metrics: bool, graphed=None):
+def sft_trainer_class(collator: TokenCountingCollator, token_metrics: bool):
     """trl's SFTTrainer, telling `collator` of each batch it trains on. Without token_metrics, its loss is
     trl's own fused-head loss without the per-step entropy and token-accuracy metrics, whose `.item()`
-    calls make every step wait for the GPU. With `graphed` (a cuda_graphs.GraphedTrainingPass), each
+    calls make every step wait for the GPU. With `graphed` set (a cuda_graphs.GraphedTrainingPass), each
     training pass replays a CUDA graph instead of running forward and backward eagerly."""
     from trl import SFTTrainer
 
     class SFTTrainerCountingTokens(SFTTrainer):
+        graphed = None
+
         def training_step(self, model, inputs, num_items_in_batch=None):
             collator.count_next()
             if PASSES not in inputs:
@@ -198,11 +200,12 @@ def sft_trainer_class(collator: TokenCountingCollator, token_metrics: bool, grap
             # to the step's gradient; in a distributed run only the last pass all-reduces them.
             loss = 0
             for index, pass_inputs in enumerate(passes):
-                if graphed is not None:   # one process (execution.graph_blockers)
+                if self.graphed is not None:   # one process (execution.graph_blockers)
                     model.train()
                     pass_inputs = self._prepare_inputs(pass_inputs)
                     boundaries = {key: pass_inputs[key] for key in BOUNDARY_KEYS if key in pass_inputs}
-                    loss = loss + graphed(pass_inputs["input_ids"], pass_inputs["labels"], num_items_in_batch, boundaries)
+                    loss = loss + self.graphed(pass_inputs["input_ids"], pass_inputs["labels"], num_items_in_batch,
+                                               boundaries)
                     continue
                 last = index == len(passes) - 1
                 with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
@@ -279,11 +282,6 @@ def fit(model, tokenizer, train_set, eval_set, params, run, optimizer: str, comp
     import torch
     from trl import SFTConfig
 
-    graphed = None
-    if run.cuda_graphs:
-        from qlora_pipeline.cuda_graphs import GraphedTrainingPass
-
-        graphed = GraphedTrainingPass(model, compute_dtype)
     # The trainer wants a directory of its own even when it saves no checkpoints.
     work_dir = Path(tempfile.mkdtemp(prefix="qlora-trainer-"))
     collator = TokenCountingCollator(
@@ -334,7 +332,7 @@ def fit(model, tokenizer, train_set, eval_set, params, run, optimizer: str, comp
         dataloader_pin_memory=device == "cuda",
         accelerator_config={"non_blocking": device == "cuda"},
     )
-    sft_trainer = sft_trainer_class(collator, params.token_metrics, graphed)(
+    sft_trainer = sft_trainer_class(collator, params.token_metrics)(
         model=model,
         args=config,
         train_dataset=train_set,
@@ -343,6 +341,16 @@ def fit(model, tokenizer, train_set, eval_set, params, run, optimizer: str, comp
         processing_class=tokenizer,
         callbacks=[_run_log_callback(run_log)],
     )
+    # trl casts the LoRA weights of a quantized model to bfloat16, whatever the device and compute dtype.
+    # Keep them float32 (peft's default): the optimizer then updates full-precision master weights, and
+    # on a GPU autocast still runs the matmuls in the compute dtype. On the CPU, bfloat16 matmuls are slow.
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
+    if run.cuda_graphs:   # after the cast: the graphs' gradient buffers take the weights' dtype
+        from qlora_pipeline.cuda_graphs import GraphedTrainingPass
+
+        sft_trainer.graphed = GraphedTrainingPass(model, compute_dtype)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     if resume_from is not None:
@@ -354,4 +362,4 @@ def fit(model, tokenizer, train_set, eval_set, params, run, optimizer: str, comp
         raise
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
-    return sft_trainer.state, run_log, graphed
+    return sft_trainer.state, run_log, sft_trainer.graphed

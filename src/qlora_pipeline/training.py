@@ -46,7 +46,6 @@ def train(
     are in place."""
     import datasets
     import torch
-    from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoTokenizer, set_seed
 
     device = resolve_device(params.device)
@@ -56,16 +55,9 @@ def train(
         raise PipelineError(
             f"params key 'train.num_processes' is {params.num_processes} but the stage runs in {num_processes} processes"
         )
-    resume_from = None
-    if params.checkpoint_every_steps:
-        if checkpoint_dir is None:
-            raise ValueError("train.checkpoint_every_steps > 0 needs a checkpoint directory")
-        identity = checkpoints.run_identity(
-            checkpoints.resume_params(quantize, lora, params, seed), {"base_model": model_dir, "tokenized_data": tokenized_dir}
-        )
-        resume_from = checkpoints.prepare(checkpoint_dir, identity, write=rank == 0)
-    train_set = datasets.load_from_disk(str(tokenized_dir / "train")).select_columns(["input_ids", "labels"])
-    eval_set = datasets.load_from_disk(str(tokenized_dir / "eval")).select_columns(["input_ids", "labels"])
+    resume_from = _resume_point(model_dir, tokenized_dir, quantize, lora, params, seed, checkpoint_dir, rank)
+    train_set, eval_set = (datasets.load_from_disk(str(tokenized_dir / split)).select_columns(["input_ids", "labels"])
+                           for split in ("train", "eval"))
     # Planned before any weight is loaded: a budget nothing fits in stops here with one line.
     row_lengths = [len(ids) for ids in train_set["input_ids"]]
     run = plan_execution(model_dir, lora, quantize, params, device, compute_dtype, num_processes, local_rank, row_lengths)
@@ -73,7 +65,57 @@ def train(
 
     set_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    placement = f"cuda:{local_rank}" if device == "cuda" and num_processes > 1 else device
+    model, targets, dequantized_mb = prepare_model(model_dir, quantize, lora, params, run, device, local_rank, compute_dtype)
+    trainable, all_params = model.get_nb_trainable_parameters()
+    optimizer = execution.resolve_optimizer(params.optim, device, trainable)
+    initial_adapter = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+    def attempt(run):
+        set_seed(seed)
+        return trainer.fit(model, tokenizer, train_set, eval_set, params, run, optimizer, compute_dtype, device,
+                           num_processes, seed, checkpoint_dir, resume_from)
+
+    start = time.perf_counter()
+    try:
+        result = attempt(run)
+    except torch.OutOfMemoryError as exc:
+        # Retried after the except block, once the failed attempt's frames (and their tensors) are gone.
+        smaller = _smaller_execution(run, exc, params, model_dir, lora, row_lengths)
+        result = None
+    if result is None:
+        print(f"warning: out of GPU memory in the first {FALLBACK_STEPS} steps with {run.reason}; "
+              f"retrying once with {smaller.reason}", file=sys.stderr)
+        _shrink_to(model, smaller, initial_adapter)
+        run, dequantized_mb = smaller, min(dequantized_mb, smaller.dequantized_cache_mb)
+        start = time.perf_counter()
+        result = attempt(run)
+    seconds = time.perf_counter() - start
+    if rank == 0:
+        trainer.save_adapter(model, tokenizer, adapter_dir)
+    return _metrics(result, run, seconds, dequantized_mb, optimizer, device, compute_dtype, num_processes,
+                    len(train_set), targets, trainable, all_params, params)
+
+
+def _resume_point(model_dir, tokenized_dir, quantize, lora, params: TrainParams, seed: int, checkpoint_dir, rank: int):
+    """The checkpoint a run cut off earlier continues from, or None (checkpoints.py)."""
+    if not params.checkpoint_every_steps:
+        return None
+    if checkpoint_dir is None:
+        raise ValueError("train.checkpoint_every_steps > 0 needs a checkpoint directory")
+    identity = checkpoints.run_identity(
+        checkpoints.resume_params(quantize, lora, params, seed), {"base_model": model_dir, "tokenized_data": tokenized_dir}
+    )
+    return checkpoints.prepare(checkpoint_dir, identity, write=rank == 0)
+
+
+def prepare_model(model_dir, quantize: QuantizeParams, lora: LoraParams, params: TrainParams, run: execution.Execution,
+                  device: str, local_rank: int, compute_dtype):
+    """The 4-bit base on this process's device, changed as the execution says (speedups.py, packed attention,
+    checkpointed layers), wrapped with a fresh LoRA adapter. Returns (model, LoRA targets, MiB of dequantized cache)."""
+    import torch
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    placement = f"cuda:{local_rank}" if device == "cuda" and params.num_processes > 1 else device
     if placement != device:
         torch.cuda.set_device(placement)
     if device == "cuda":
@@ -93,50 +135,23 @@ def train(
         use_packed_attention(model)
     speedups.checkpoint_layers(model, run.checkpointed_layers)
     targets = resolve_target_modules(model, lora)
-    model = get_peft_model(model, lora_config(lora, targets))
-    trainable, all_params = model.get_nb_trainable_parameters()
-    optimizer = execution.resolve_optimizer(params.optim, device, trainable)
-    # trl casts the LoRA weights of a quantized model to bfloat16, whatever the device and compute dtype.
-    # Keep them float32 (peft's default): the optimizer then updates full-precision master weights, and
-    # on a GPU autocast still runs the matmuls in the compute dtype. On the CPU, bfloat16 matmuls are slow.
-    for param in model.parameters():
-        if param.requires_grad:
-            param.data = param.data.float()
-    initial_adapter = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    return get_peft_model(model, lora_config(lora, targets)), targets, dequantized_mb
 
-    def attempt(run):
-        set_seed(seed)
-        return trainer.fit(model, tokenizer, train_set, eval_set, params, run, optimizer, compute_dtype, device,
-                           num_processes, seed, checkpoint_dir, resume_from)
 
-    start = time.perf_counter()
-    try:
-        result = attempt(run)
-    except torch.OutOfMemoryError as exc:
-        # Retried after the except block, once the failed attempt's frames (and their tensors) are gone.
-        smaller = _smaller_execution(run, exc, params, model_dir, lora, row_lengths)
-        result = None
-    if result is None:
-        print(f"warning: out of GPU memory in the first {FALLBACK_STEPS} steps with {run.reason}; "
-              f"retrying once with {smaller.reason}", file=sys.stderr)
-        gc.collect()
-        if not smaller.dequantized_cache_mb:
-            speedups.drop_dequantized_weights(model)
-        speedups.checkpoint_layers(model, smaller.checkpointed_layers)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name in initial_adapter:
-                    p.copy_(initial_adapter[name])
-                    p.grad = None
-        torch.cuda.empty_cache()
-        run, dequantized_mb = smaller, min(dequantized_mb, smaller.dequantized_cache_mb)
-        start = time.perf_counter()
-        result = attempt(run)
-    seconds = time.perf_counter() - start
-    if rank == 0:
-        trainer.save_adapter(model, tokenizer, adapter_dir)
-    return _metrics(result, run, seconds, dequantized_mb, optimizer, device, compute_dtype, num_processes,
-                    len(train_set), targets, trainable, all_params, params)
+def _shrink_to(model, smaller: execution.Execution, initial_adapter: dict) -> None:
+    """Make the model execute the smaller plan, and put the adapter back to where training started."""
+    import torch
+
+    gc.collect()
+    if not smaller.dequantized_cache_mb:
+        speedups.drop_dequantized_weights(model)
+    speedups.checkpoint_layers(model, smaller.checkpointed_layers)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name in initial_adapter:
+                param.copy_(initial_adapter[name])
+                param.grad = None
+    torch.cuda.empty_cache()
 
 
 def plan_execution(model_dir, lora, quantize, params: TrainParams, device: str, compute_dtype, num_processes: int,
