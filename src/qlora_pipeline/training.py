@@ -61,6 +61,7 @@ def train(
     # Planned before any weight is loaded: a budget nothing fits in stops here with one line.
     row_lengths = [len(ids) for ids in train_set["input_ids"]]
     run = plan_execution(model_dir, lora, quantize, params, device, compute_dtype, num_processes, local_rank, row_lengths)
+    _refuse_padding_over_context(model_dir, run, max(row_lengths))
     print(f"train: execution: {run.reason}", file=sys.stderr)
 
     set_seed(seed)
@@ -94,6 +95,17 @@ def train(
         trainer.save_adapter(model, tokenizer, adapter_dir)
     return _metrics(result, run, seconds, dequantized_mb, optimizer, device, compute_dtype, num_processes,
                     len(train_set), targets, trainable, all_params, params)
+
+
+def _refuse_padding_over_context(model_dir, run: execution.Execution, longest_row: int) -> None:
+    """train.pad_to_multiple_of must not pad a row past the model's positions (packed, positions restart with each
+    row and the pad tail, so only the tail's length counts)."""
+    from qlora_pipeline.tokenization import refuse_over_context
+
+    multiple = run.pad_to_multiple_of
+    positions = max(longest_row, multiple - 1) if run.packing else -(-longest_row // multiple) * multiple
+    refuse_over_context(model_dir, "train.pad_to_multiple_of", positions,
+                        f"batches padded to a multiple of {multiple} reach")
 
 
 def _resume_point(model_dir, tokenized_dir, quantize, lora, params: TrainParams, seed: int, checkpoint_dir, rank: int):
