@@ -84,7 +84,7 @@ def graph_blockers(params: TrainParams, device: str, num_processes: int, compute
     import torch
 
     from qlora_pipeline.cuda_graphs import unsupported_model
-    from qlora_pipeline.packing import _varlen_attn
+    from qlora_pipeline.packing import varlen_attention
 
     model_problem = unsupported_model(model)
     reasons = [
@@ -92,7 +92,7 @@ def graph_blockers(params: TrainParams, device: str, num_processes: int, compute
         (num_processes > 1, "train.num_processes > 1 (each process's gradients are all-reduced outside a graph)"),
         (params.token_metrics, "train.token_metrics is on (its metrics are computed outside the pass)"),
         (compute_dtype == torch.float16, "float16 compute needs loss scaling"),
-        (packing and _varlen_attn() is None, "packed attention needs torch's varlen_attn on the GPU to be captured"),
+        (packing and varlen_attention() is None, "packed attention needs torch's varlen_attn on the GPU to be captured"),
         (model_problem is not None, model_problem),
     ]
     return [reason for applies, reason in reasons if applies]

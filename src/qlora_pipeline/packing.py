@@ -91,7 +91,7 @@ def use_packed_attention(model) -> None:
 
 
 @functools.cache
-def _varlen_attn():
+def varlen_attention():
     """torch's variable-length flash attention and what it takes (causality as a window or a flag, grouped
     heads, a scale), or None where torch lacks it."""
     try:
@@ -114,7 +114,7 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     if dropout:
         raise RuntimeError("packed attention does not implement attention dropout")
     groups = query.shape[1] // key.shape[1]
-    varlen = _varlen_attn() if query.is_cuda else None
+    varlen = varlen_attention() if query.is_cuda else None
     if varlen is not None:
         varlen_attn, takes_window, takes_gqa, takes_scale = varlen
         # Flash attention computes in 16 bit: the autocast dtype, as scaled_dot_product_attention would under
