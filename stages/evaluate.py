@@ -23,10 +23,12 @@ def main() -> None:
         paths.BASE_MODEL, paths.MERGED, paths.TOKENIZED / "eval", outputs.read_jsonl(paths.FORMATTED / "eval.jsonl"),
         cfg.batch_size, cfg.max_new_tokens, cfg.generate_rows, resolve_device("auto"),
     )
-    outputs.write_jsonl(paths.REPORTS / "eval_samples.jsonl", samples)
-    outputs.write_text(paths.REPORTS / "eval.md", reports.evaluation_markdown(metrics, samples))
-    outputs.write_text(paths.REPORTS / "eval_per_task.csv", reports.per_task_csv(metrics))
-    outputs.write_json(paths.METRICS / "eval.json", metrics)
+    outputs.write_texts({
+        paths.REPORTS / "eval_samples.jsonl": outputs.jsonl_text(samples),
+        paths.REPORTS / "eval.md": reports.evaluation_markdown(metrics, samples),
+        paths.REPORTS / "eval_per_task.csv": reports.per_task_csv(metrics),
+        paths.METRICS / "eval.json": outputs.json_text(metrics),
+    })
     base, tuned = metrics["base"], metrics["tuned"]
     print(f"evaluate: answer loss {base['loss']} -> {tuned['loss']}"
           + (f", exact match {base['exact_match']} -> {tuned['exact_match']}" if "exact_match" in base else ""))

@@ -21,7 +21,8 @@ def main() -> None:
         base_record = json.loads((paths.BASE_MODEL / "source.json").read_text())
         training_params = json.loads((paths.ADAPTER / "training_params.json").read_text())
         outputs.write_text(out / "README.md", model_card(base_record, training_params, metrics))
-    outputs.write_json(paths.METRICS / "merge.json", metrics)
+        # Last in the block: a failure before it leaves the old model and metrics both.
+        outputs.write_json(paths.METRICS / "merge.json", metrics)
     print(f"merge: {paths.MERGED} ({metrics['dtype']}), max |logit diff| vs unmerged {metrics['max_abs_logit_diff_vs_unmerged']}")
 
 

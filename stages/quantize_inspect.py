@@ -18,10 +18,12 @@ def main() -> None:
     device = quantization.resolve_device("auto")
     figures = quantization.inspect(paths.BASE_MODEL, params.quantize, params.lora, device)
     record = json.loads((paths.BASE_MODEL / "source.json").read_text())
-    outputs.write_text(paths.REPORTS / "quantize.md", quantization.report_markdown(figures, record))
-    outputs.write_json(paths.METRICS / "quantize.json",
-                       {k: v for k, v in figures.items() if k not in ("replaced_modules", "memory_by_module")})
-    outputs.write_text(paths.REPORTS / "quantize_memory.csv", reports.quantize_memory_csv(figures))
+    outputs.write_texts({
+        paths.REPORTS / "quantize.md": quantization.report_markdown(figures, record),
+        paths.METRICS / "quantize.json": outputs.json_text(
+            {k: v for k, v in figures.items() if k not in ("replaced_modules", "memory_by_module")}),
+        paths.REPORTS / "quantize_memory.csv": reports.quantize_memory_csv(figures),
+    })
     print(f"quantize-inspect: {figures['params_4bit']:,} of {figures['params_total']:,} parameters in 4 bit, "
           f"{figures['size_fp32_mb']} MB -> {figures['size_4bit_mb']} MB; "
           f"LoRA {figures['lora_trainable_params']:,} trainable ({figures['lora_trainable_percent']} %)")

@@ -27,7 +27,8 @@ def main() -> None:
                                                  str(paths.FORMATTED / f"{split}.jsonl"))
             columns = {key: [item.get(key, "") for item in items] for key in ("input_ids", "labels", "prompt_length", "task")}
             datasets.Dataset.from_dict(columns).save_to_disk(str(out / split))
-    outputs.write_json(paths.METRICS / "tokenize.json", stats)
+        # Last in the block: a failure before it leaves the old data and metrics both.
+        outputs.write_json(paths.METRICS / "tokenize.json", stats)
     print(f"tokenize: {stats['train']['rows']} train rows, mean {stats['train']['length_mean']} tokens, "
           f"{stats['train']['rows_truncated']} truncated at {params.tokenize.max_length}")
 

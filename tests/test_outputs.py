@@ -8,6 +8,8 @@ import stat
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT, copy_project, run_stage, sh
 
 OUTPUTS = ("models", "data", "metrics", "reports", "dvclive")
@@ -60,3 +62,20 @@ def test_leftovers_of_a_killed_run_are_removed_and_ignored(ran, tmp_path):
     assert (project / leftovers["alive"][0] / "model.safetensors").is_file()
     # Only the stage's own outputs are cleaned: another stage's leftovers wait for that stage.
     assert (project / leftovers["dead"][2]).is_dir() and (project / f"metrics/.tokenize.json.tmp-{dead}-q").is_file()
+
+
+def test_files_written_together_replace_the_old_ones_together(tmp_path):
+    """A stage's reports and metrics go through one outputs.write_texts: when writing one of them fails (here a
+    text that cannot be encoded; a full disk does the same), every old file stays and no temporary is left."""
+    from qlora_pipeline import outputs
+
+    old = {tmp_path / "report.md": "old report\n", tmp_path / "metrics.json": "{}\n"}
+    for path, text in old.items():
+        path.write_text(text)
+    with pytest.raises(UnicodeEncodeError):
+        outputs.write_texts({tmp_path / "report.md": "new report\n", tmp_path / "metrics.json": "\ud800"})
+    assert {path: path.read_text() for path in old} == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "report.md"]
+
+    outputs.write_texts({tmp_path / "report.md": "new report\n", tmp_path / "metrics.json": "{\"a\": 1}\n"})
+    assert (tmp_path / "report.md").read_text() == "new report\n"

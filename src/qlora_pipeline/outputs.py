@@ -15,7 +15,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -114,29 +114,50 @@ def discarded_dir() -> Iterator[Path]:
         yield Path(tmp)
 
 
-def write_text(path: str | Path, text: str) -> None:
-    """Write a file atomically (temporary file, fsync, rename)."""
-    path = Path(path)
-    _prepare(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
+def write_texts(files: Mapping[str | Path, str]) -> None:
+    """Write files that belong together (a stage's reports and metrics) so that they replace the old ones
+    together: each is written whole to a temporary sibling and synced, and only when all are written are they
+    renamed into place. An error or a full disk on the way leaves every old file as it was; only a kill in
+    the microseconds between two renames can leave some old and some new."""
+    staged: list[tuple[str, Path]] = []
     try:
-        os.fchmod(fd, _FILE_MODE)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        for path, text in files.items():
+            path = Path(path)
+            _prepare(path)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
+            staged.append((tmp, path))
+            os.fchmod(fd, _FILE_MODE)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(text)
+                fh.flush()
+                os.fsync(fh.fileno())
+        for tmp, path in staged:
+            os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        for tmp, _ in staged:
+            Path(tmp).unlink(missing_ok=True)
         raise
 
 
+def write_text(path: str | Path, text: str) -> None:
+    """Write a file atomically (temporary file, fsync, rename)."""
+    write_texts({path: text})
+
+
+def json_text(data: Any) -> str:
+    return json.dumps(data, indent=2, sort_keys=False) + "\n"
+
+
+def jsonl_text(rows: list[dict]) -> str:
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+
 def write_json(path: str | Path, data: Any) -> None:
-    write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+    write_text(path, json_text(data))
 
 
 def write_jsonl(path: str | Path, rows: list[dict]) -> None:
-    write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    write_text(path, jsonl_text(rows))
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
