@@ -1,10 +1,13 @@
-"""The evaluate stage: the base and the fine-tuned (merged) model on the held-out rows.
+"""The evaluate stage: the base, the trained and the merged model on the held-out rows.
 
-- loss and perplexity on the answer tokens (the labels of the tokenized eval split: answer + EOS);
-- exact match of greedy generations against the reference answers, where the data has checkable
-  answers (rows with a `task` family); per family too;
-- the generations themselves, beside the references.
-Both models run in the same dtype (float32 on the CPU, bfloat16 on a GPU), unquantized.
+- trained: the 4-bit base with the adapter applied on the fly, computing as the train stage computed
+  (the model the training loss describes);
+- merged: models/merged, the model that is shipped; beside the trained model it shows what merging cost.
+For each: loss and perplexity on the answer tokens (the labels of the tokenized eval split: answer +
+EOS); exact match of greedy generations against the reference answers, where the data has checkable
+answers (rows with a `task` family), per family too; the generations themselves, beside the references.
+Base and merged run in the same dtype (float32 on the CPU, bfloat16 on a GPU); the trained model's
+4-bit layers compute in the quantize compute dtype. One model is in memory at a time.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from qlora_pipeline.config import QuantizeParams
 from qlora_pipeline.tokenization import IGNORE_INDEX
 
 
@@ -83,12 +87,11 @@ def accuracy(predictions: list[str], references: list[str], tasks: list[str | No
     }
 
 
-def evaluate_model(model_dir: Path, tokenized_eval, formatted_eval: list[dict], batch_size: int, max_new_tokens: int,
-                   generate_rows: int, device: str, dtype) -> tuple[dict[str, Any], list[str]]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+MODELS = ("base", "trained", "merged")
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True).to(device).eval()
+
+def score_model(model, tokenizer, tokenized_eval, formatted_eval: list[dict], batch_size: int, max_new_tokens: int,
+                generate_rows: int, device: str) -> tuple[dict[str, Any], list[str]]:
     metrics = answer_loss(model, tokenized_eval, tokenizer.pad_token_id, batch_size, device)
     rows = formatted_eval[:generate_rows]
     predictions = generate_answers(model, tokenizer, [r["prompt"] for r in rows], batch_size, max_new_tokens, device)
@@ -97,25 +100,65 @@ def evaluate_model(model_dir: Path, tokenized_eval, formatted_eval: list[dict], 
     return metrics, predictions
 
 
-def evaluate(base_dir: Path, tuned_dir: Path, tokenized_eval_dir: Path, formatted_eval: list[dict], batch_size: int,
-             max_new_tokens: int, generate_rows: int, device: str) -> tuple[dict[str, Any], list[dict]]:
-    """Metrics of both models and the sample rows (prompt, reference, both answers)."""
+def load_models(base_dir: Path, adapter_dir: Path, merged_dir: Path, quantize: QuantizeParams, device: str, dtype) -> dict:
+    """For each of MODELS, a function that loads it (model, tokenizer) on `device`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qlora_pipeline.merging import load_trained
+
+    def plain(model_dir: Path):
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True, device_map={"": device})
+        return model.eval(), AutoTokenizer.from_pretrained(model_dir)
+
+    return {
+        "base": lambda: plain(base_dir),
+        # On the CPU the 4-bit weights are dequantized once, as the train stage does there (generation would
+        # otherwise dequantize every weight for every token); on a GPU bitsandbytes' kernels run them.
+        "trained": lambda: (load_trained(base_dir, adapter_dir, quantize, device, dtype, dequantize_once=device == "cpu"),
+                            AutoTokenizer.from_pretrained(adapter_dir)),
+        "merged": lambda: plain(merged_dir),
+    }
+
+
+def evaluate(base_dir: Path, adapter_dir: Path, merged_dir: Path, tokenized_eval_dir: Path, formatted_eval: list[dict],
+             quantize: QuantizeParams, batch_size: int, max_new_tokens: int, generate_rows: int, device: str) -> tuple[dict[str, Any], list[dict]]:
+    """Metrics of the base, trained and merged model, and the sample rows (prompt, reference, each model's answer)."""
     import datasets
+
+    from qlora_pipeline.merging import free_memory
+    from qlora_pipeline.quantization import resolve_compute_dtype
 
     dtype = inference_dtype(device)
     tokenized = datasets.load_from_disk(str(tokenized_eval_dir))
     results, answers = {}, {}
-    for label, model_dir in (("base", base_dir), ("tuned", tuned_dir)):
-        results[label], answers[label] = evaluate_model(
-            model_dir, tokenized, formatted_eval, batch_size, max_new_tokens, generate_rows, device, dtype
+    for label, load in load_models(base_dir, adapter_dir, merged_dir, quantize, device, dtype).items():
+        model, tokenizer = load()
+        results[label], answers[label] = score_model(
+            model, tokenizer, tokenized, formatted_eval, batch_size, max_new_tokens, generate_rows, device
         )
+        # Free this model before the next one loads: never two full-precision models at once.
+        del model
+        free_memory(device)
     samples = [
         {"task": row.get("task"), "prompt": row["prompt"], "reference": row["completion"],
-         "base": base_answer, "tuned": tuned_answer}
-        for row, base_answer, tuned_answer in zip(formatted_eval, answers["base"], answers["tuned"])
+         **{label: answers[label][i] for label in MODELS}}
+        for i, row in enumerate(formatted_eval[: len(answers["base"])])
     ]
-    metrics: dict[str, Any] = {"eval_rows": len(tokenized), "generated_rows": len(samples), "dtype": str(dtype).removeprefix("torch."), **results}
-    metrics["loss_change"] = round(results["tuned"]["loss"] - results["base"]["loss"], 6)
-    if results["base"].get("exact_match") is not None:
-        metrics["exact_match_change"] = round(results["tuned"]["exact_match"] - results["base"]["exact_match"], 4)
+    base, trained, merged = (results[label] for label in MODELS)
+    metrics: dict[str, Any] = {
+        "eval_rows": len(tokenized), "generated_rows": len(samples), "dtype": str(dtype).removeprefix("torch."),
+        "trained_in_4bit": quantize.load_in_4bit,
+        "trained_compute_dtype": str(resolve_compute_dtype(quantize, device)).removeprefix("torch."),
+        **results,
+        # What the shipped (merged) model gained over the base.
+        "loss_change": round(merged["loss"] - base["loss"], 6),
+        # What merging cost: the merged model against the model that was trained.
+        "merging": {
+            "loss_change": round(merged["loss"] - trained["loss"], 6),
+            "answers_changed": sum(t != m for t, m in zip(answers["trained"], answers["merged"])),
+        },
+    }
+    if base.get("exact_match") is not None:
+        metrics["exact_match_change"] = round(merged["exact_match"] - base["exact_match"], 4)
+        metrics["merging"]["exact_match_change"] = round(merged["exact_match"] - trained["exact_match"], 4)
     return metrics, samples

@@ -5,7 +5,8 @@
     qlora-generate "Add the two numbers." --input "12 + 30" --model models/base
 
 The template is the one recorded for the format stage in dvc.lock (what the data was formatted with),
-else `format.template` of params.yaml. An adapter directory is loaded on top of the base it names.
+else `format.template` of params.yaml. An adapter directory is loaded on top of the base it names, as it
+was trained: the base quantized as its training_params.json records (4 bit, if it was).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def trained_template(project: Path) -> str:
 
 
 def load_for_generation(model_dir: Path, project: Path):
-    """A model directory (base or merged) or an adapter directory on top of its base, in the evaluation dtype."""
+    """A model directory (base or merged) or an adapter directory on top of its base as trained, in the evaluation dtype."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from qlora_pipeline.evaluation import inference_dtype
@@ -46,14 +47,19 @@ def load_for_generation(model_dir: Path, project: Path):
     dtype = inference_dtype(device)
     adapter_config = model_dir / "adapter_config.json"
     if adapter_config.is_file():
-        from peft import PeftModel
+        from qlora_pipeline.config import QuantizeParams
+        from qlora_pipeline.merging import load_trained
 
         base_dir = project / json.loads(adapter_config.read_text())["base_model_name_or_path"]
-        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype, use_safetensors=True)
-        model = PeftModel.from_pretrained(base, model_dir)
+        record = model_dir / "training_params.json"
+        if not record.is_file():
+            raise PipelineError(f"{record}: not found (the train stage writes it beside the adapter)")
+        quantize = QuantizeParams(**json.loads(record.read_text())["quantize"])
+        # Dequantized once on the CPU, as evaluation does there (the same arithmetic, without per-token dequantizing).
+        model = load_trained(base_dir, model_dir, quantize, device, dtype, dequantize_once=device == "cpu")
     else:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True)
-    return model.to(device).eval(), AutoTokenizer.from_pretrained(model_dir), device
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True, device_map={"": device}).eval()
+    return model, AutoTokenizer.from_pretrained(model_dir), device
 
 
 def main(args: argparse.Namespace) -> None:

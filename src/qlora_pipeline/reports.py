@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,31 +66,43 @@ def _csv(rows: list[dict], fields: list[str]) -> str:
     return out.getvalue()
 
 
-def per_task_csv(metrics: dict[str, Any]) -> str:
-    """Exact match per task family of the base and the tuned model (long format: task, series, value)."""
+def per_task_csv(metrics: dict[str, Any], models: Sequence[str]) -> str:
+    """Exact match per task family of each of `models` (long format: task, series, value)."""
     rows = [{"task": task, "series": series, "exact_match": value}
-            for series in ("base", "tuned")
+            for series in models
             for task, value in sorted((metrics[series].get("exact_match_per_task") or {}).items())]
     return _csv(rows, ["task", "series", "exact_match"])
 
 
-def evaluation_markdown(metrics: dict[str, Any], samples: list[dict]) -> str:
-    """The evaluation as a page: the headline figures, accuracy per task, and each sample's answers."""
-    base, tuned = metrics["base"], metrics["tuned"]
-    lines = ["# Evaluation: base vs. fine-tuned", "",
-             f"{metrics['eval_rows']} held-out rows; answers generated greedily for {metrics['generated_rows']}.", "",
-             "| figure | base | tuned |", "|---|---:|---:|",
-             f"| answer loss | {base['loss']} | {tuned['loss']} |",
-             f"| perplexity | {base['perplexity']} | {tuned['perplexity']} |"]
-    if base.get("exact_match") is not None:
-        lines.append(f"| exact match | {base['exact_match']} | {tuned['exact_match']} |")
-    per_task = base.get("exact_match_per_task") or {}
+def evaluation_markdown(metrics: dict[str, Any], samples: list[dict], merge_record: dict[str, Any],
+                        models: Sequence[str]) -> str:
+    """The evaluation as a page: the headline figures of `models` (base, trained, merged), what merging cost,
+    accuracy per task, and each sample's answers. `merge_record`: what models/merged was made with."""
+    trained = ("the 4-bit base with the adapter applied on the fly, as trained (4-bit layers computing in "
+               f"{metrics['trained_compute_dtype']})" if metrics["trained_in_4bit"]
+               else "the base with the adapter applied on the fly, as trained")
+    merging = metrics["merging"]
+    lines = ["# Evaluation: base, trained and merged", "",
+             f"{metrics['eval_rows']} held-out rows; answers generated greedily for {metrics['generated_rows']}. "
+             f"Base and merged run in {metrics['dtype']}. Trained: {trained}. Merged: models/merged, the adapter "
+             f"folded into the {merge_record['base']} base weights and saved in {merge_record['dtype']}.", "",
+             "| figure | " + " | ".join(models) + " |", "|---|" + "---:|" * len(models),
+             "| answer loss | " + " | ".join(str(metrics[m]["loss"]) for m in models) + " |",
+             "| perplexity | " + " | ".join(str(metrics[m]["perplexity"]) for m in models) + " |"]
+    if metrics["base"].get("exact_match") is not None:
+        lines.append("| exact match | " + " | ".join(str(metrics[m]["exact_match"]) for m in models) + " |")
+    lines += ["", f"Merging changed the answer loss by {merging['loss_change']:+}"
+              + (f" and exact match by {merging['exact_match_change']:+}" if "exact_match_change" in merging else "")
+              + f"; {merging['answers_changed']} of {metrics['generated_rows']} generated answers differ between the "
+              "trained and the merged model."]
+    per_task = metrics["base"].get("exact_match_per_task") or {}
     if per_task:
-        lines += ["", "## Exact match per task", "", "| task | base | tuned |", "|---|---:|---:|"]
-        lines += [f"| {task} | {per_task[task]} | {tuned['exact_match_per_task'].get(task)} |" for task in sorted(per_task)]
-    lines += ["", "## Samples", "", "| task | prompt | reference | base | tuned |", "|---|---|---|---|---|"]
+        lines += ["", "## Exact match per task", "", "| task | " + " | ".join(models) + " |", "|---|" + "---:|" * len(models)]
+        lines += ["| " + " | ".join([task, *(str(metrics[m]["exact_match_per_task"].get(task)) for m in models)]) + " |"
+                  for task in sorted(per_task)]
+    lines += ["", "## Samples", "", "| task | prompt | reference | " + " | ".join(models) + " |", "|---|---|---|" + "---|" * len(models)]
     for sample in samples:
-        cells = [sample.get("task") or "", _instruction(sample["prompt"]), sample["reference"], sample["base"], sample["tuned"]]
+        cells = [sample.get("task") or "", _instruction(sample["prompt"]), sample["reference"], *(sample[m] for m in models)]
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -1,0 +1,58 @@
+"""The merge folds the adapter into the weights it was trained against (merge.base: dequantized) or into
+the original full-precision ones (original), on a tiny random GPT-2 with a random adapter."""
+
+import json
+
+import pytest
+
+from qlora_pipeline.config import LoraParams, MergeParams, QuantizeParams
+
+QUANTIZE = QuantizeParams(load_in_4bit=True, quant_type="nf4", double_quant=True, compute_dtype="auto")
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_model_dir, tmp_path_factory):
+    """A LoRA adapter on the 4-bit tiny model with random B matrices (peft starts them at zero, which would
+    make every merge exact), saved as the train stage saves it, and two held-out rows."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoTokenizer
+
+    from qlora_pipeline.merging import load_base_as_trained
+    from qlora_pipeline.quantization import lora_config
+
+    out = tmp_path_factory.mktemp("adapter")
+    model = get_peft_model(load_base_as_trained(tiny_model_dir, QUANTIZE, "cpu", torch.float32),
+                           lora_config(LoraParams(8, 16, 0.0, "auto"), ["c_attn", "c_fc", "c_proj"]))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    model.save_pretrained(out / "adapter")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out / "adapter")
+    rows = [{"prompt": f"### Instruction:\nAdd {i} and {i}.\n\n### Response:\n", "completion": str(2 * i)} for i in (3, 40)]
+    (out / "eval.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return out
+
+
+def test_dequantized_base_computes_what_was_trained(tiny_model_dir, adapter, tmp_path):
+    """Merged in float32 (no final rounding): folded into the dequantized 4-bit weights, the merged model
+    computes the trained model's logits up to float32 rounding; folded into the original weights, it is off
+    by the quantization error of every layer (0.066 on logits up to 0.75 here, measured)."""
+    from safetensors.torch import load_file
+
+    dequantized, original = (merge_with(base, "float32", tiny_model_dir, adapter, tmp_path / base)
+                             for base in ("dequantized", "original"))
+    assert dequantized["dequantized_weights"] == 2 * 4 and original["dequantized_weights"] == 0
+    assert dequantized["max_abs_logit_diff_vs_trained"] < 1e-5
+    assert original["max_abs_logit_diff_vs_trained"] > 1e-2
+    assert dequantized["max_abs_logit_diff_vs_unmerged"] < 1e-5 and original["max_abs_logit_diff_vs_unmerged"] < 1e-5
+    weights = load_file(tmp_path / "dequantized" / "model.safetensors")
+    assert {str(w.dtype) for w in weights.values()} == {"torch.float32"}
+
+
+def merge_with(base: str, dtype: str, model_dir, adapter, out):
+    from qlora_pipeline.merging import merge
+
+    return merge(model_dir, adapter / "adapter", adapter / "eval.jsonl", out, MergeParams(base, dtype, 2), QUANTIZE, "cpu")
