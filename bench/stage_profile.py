@@ -36,7 +36,7 @@ PARTS = {
     "save": [("transformers/modeling_utils.py", "save_pretrained"), ("peft/peft_model.py", "save_pretrained"),
              ("datasets/arrow_dataset.py", "save_to_disk"), ("safetensors/torch.py", "save_file")],
     "hash inputs": [("qlora_pipeline/checkpoints.py", "run_identity")],
-    "compare logits": [("qlora_pipeline/merging.py", "_max_logit_diff")],
+    "compare logits": [("qlora_pipeline/merging.py", "_logits")],
     "answer loss": [("qlora_pipeline/evaluation.py", "answer_loss")],
 }
 
