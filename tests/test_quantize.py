@@ -1,4 +1,4 @@
-"""quantize-inspect: the reference figures of DESIGN.md, exactly, for distilgpt2 shapes."""
+"""quantize-inspect: the tutorial's reference figures (README: The tutorial's experiment), exactly, for distilgpt2 shapes."""
 
 import pytest
 

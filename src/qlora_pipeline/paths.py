@@ -2,7 +2,6 @@
 
 from pathlib import Path
 
-PARAMS = Path("params.yaml")
 BASE_MODEL = Path("models/base")          # download (model): safetensors + tokenizer + source.json
 RAW_DATA = Path("data/raw")               # download (data): rows.jsonl + source.json
 SUBSET = Path("data/subset")              # subset: train.jsonl, eval.jsonl
@@ -35,8 +34,9 @@ def require(*inputs: Path) -> None:
             raise PipelineError(f"{path}: not found{made_by}")
         for weights in sorted(path.glob("*.safetensors")) if path.is_dir() else []:
             try:
-                # Reading the header checks that the file holds every byte the header promises.
-                with safe_open(weights, framework="pt"):
+                # Reading the header checks that the file holds every byte the header promises. (numpy, not
+                # pt: opening reads no tensor, and a stage that needs no torch, tokenize, is spared loading it.)
+                with safe_open(weights, framework="numpy"):
                     pass
             except (SafetensorError, OSError) as exc:
                 raise PipelineError(f"{weights}: damaged safetensors file ({exc}); rerun the stage that made it") from None

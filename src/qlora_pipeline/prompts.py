@@ -14,9 +14,6 @@ _HEADER_NO_INPUT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
 )
 
-TEMPLATES = ("alpaca", "alpaca-official")
-
-
 def build_prompt(template: str, instruction: str, input_text: str) -> str:
     """The text the model sees before its answer; ends with the response header and a newline."""
     if template == "alpaca":
