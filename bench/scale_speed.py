@@ -78,18 +78,18 @@ def prepare_rows(data: Path, tokenizer_dir: Path, work: Path, seed: int) -> None
     from qlora_pipeline.prompts import format_rows
     from qlora_pipeline.sources import normalize_rows
     from qlora_pipeline.splits import make_subset
-    from qlora_pipeline.tokenization import tokenize_split
+    from qlora_pipeline.tokenization import Encoder, tokenize_split
     import yaml
 
     params = parse_params(yaml.safe_load((ROOT / "params.yaml").read_text()))
     rows = normalize_rows(json.loads(data.read_text()), params.data.columns, str(data))
     train_rows, eval_rows = make_subset(rows, len(rows) - 99, 99, seed)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    encoder = Encoder.of(AutoTokenizer.from_pretrained(tokenizer_dir))
     for split, split_rows in (("train", train_rows), ("eval", eval_rows)):
         formatted = format_rows(split_rows, "alpaca")
         (work / f"{split}.json").write_text(json.dumps([{"prompt": r["prompt"], "completion": r["completion"]}
                                                         for r in formatted]))
-        items, _ = tokenize_split(tokenizer, formatted, 1024, "completion")
+        items, _ = tokenize_split(encoder, formatted, 1024, "completion")
         datasets.Dataset.from_dict({k: [i[k] for i in items] for k in ("input_ids", "labels")}).save_to_disk(
             str(work / "tokenized" / split))
 

@@ -133,7 +133,7 @@ def main(args: argparse.Namespace) -> None:
     from qlora_pipeline.prompts import format_rows
     from qlora_pipeline.sources import RANDOM_CONFIGS, normalize_rows
     from qlora_pipeline.splits import make_subset
-    from qlora_pipeline.tokenization import tokenize_split
+    from qlora_pipeline.tokenization import Encoder, tokenize_split
     from qlora_pipeline.training import train
 
     device = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU only for a smoke run (--rows, --epochs)
@@ -162,7 +162,8 @@ def main(args: argparse.Namespace) -> None:
     tokenized = work / "tokenized"
     stats = {}
     for split, split_rows in (("train", train_fmt), ("eval", eval_fmt)):
-        items, stats[split] = tokenize_split(tokenizer, split_rows, params.tokenize.max_length, params.tokenize.train_on)
+        items, stats[split] = tokenize_split(Encoder.of(tokenizer), split_rows, params.tokenize.max_length,
+                                             params.tokenize.train_on)
         datasets.Dataset.from_dict({k: [i[k] for i in items] for k in ("input_ids", "labels")}).save_to_disk(str(tokenized / split))
     tokenized_eval = datasets.load_from_disk(str(tokenized / "eval"))
 

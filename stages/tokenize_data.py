@@ -9,21 +9,20 @@ from qlora_pipeline import paths
 
 def main() -> None:
     import datasets
-    from transformers import AutoTokenizer
 
     from qlora_pipeline import outputs
     from qlora_pipeline.config import load_params
-    from qlora_pipeline.tokenization import refuse_over_context, tokenize_split
+    from qlora_pipeline.tokenization import load_encoder, refuse_over_context, tokenize_split
 
     params = load_params()
     paths.require(paths.BASE_MODEL, paths.FORMATTED)
     refuse_over_context(paths.BASE_MODEL, "tokenize.max_length", params.tokenize.max_length, "rows of up to")
-    tokenizer = AutoTokenizer.from_pretrained(paths.BASE_MODEL)
+    encoder = load_encoder(paths.BASE_MODEL)
     stats = {}
     with outputs.atomic_dir(paths.TOKENIZED) as out:
         for split in ("train", "eval"):
             rows = outputs.read_jsonl(paths.FORMATTED / f"{split}.jsonl")
-            items, stats[split] = tokenize_split(tokenizer, rows, params.tokenize.max_length, params.tokenize.train_on,
+            items, stats[split] = tokenize_split(encoder, rows, params.tokenize.max_length, params.tokenize.train_on,
                                                  str(paths.FORMATTED / f"{split}.jsonl"))
             columns = {key: [item.get(key, "") for item in items] for key in ("input_ids", "labels", "prompt_length", "task")}
             datasets.Dataset.from_dict(columns).save_to_disk(str(out / split))

@@ -12,7 +12,7 @@ from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.prompts import format_rows
 from qlora_pipeline.sources import fetch_model
 from qlora_pipeline.tasks import generate
-from qlora_pipeline.tokenization import tokenize_split
+from qlora_pipeline.tokenization import load_encoder, tokenize_split
 from qlora_pipeline.execution import graph_blockers, resolve_pad_multiple
 from qlora_pipeline.training import train
 
@@ -53,12 +53,10 @@ def test_graphed_passes_match_eager_passes(tmp_path, architecture):
 
     model_dir = tmp_path / "model"
     fetch_model(ModelParams("random", architecture, "main", False, False), 0, model_dir)
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    encoder = load_encoder(model_dir)
     rows = format_rows(generate(64), "alpaca")
     for split, part in (("train", rows[:48]), ("eval", rows[48:])):
-        items, _ = tokenize_split(tokenizer, part, 384, "completion")
+        items, _ = tokenize_split(encoder, part, 384, "completion")
         datasets.Dataset.from_list(items).save_to_disk(str(tmp_path / "tokenized" / split))
     for packing in (False, True):
         runs = {}

@@ -11,7 +11,7 @@ from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.prompts import build_prompt, format_rows
 from qlora_pipeline.sources import byte_tokenizer, fetch_dataset
 from qlora_pipeline.splits import make_subset
-from qlora_pipeline.tokenization import IGNORE_INDEX, tokenize_row, tokenize_split
+from qlora_pipeline.tokenization import IGNORE_INDEX, Encoder, tokenize_row, tokenize_split
 
 ALPACA_COLUMNS = {"instruction": "instruction", "input": "input", "output": "output"}
 ROWS = [
@@ -118,12 +118,12 @@ def test_templates():
 
 def test_tokenize_masks_prompt_and_ends_with_eos():
     tok = byte_tokenizer()
-    item = tokenize_row(tok, "Q: 1+2\nA: ", "3", max_length=64, train_on="completion")
+    item = tokenize_row(Encoder.of(tok), "Q: 1+2\nA: ", "3", max_length=64, train_on="completion")
     n_prompt = len("Q: 1+2\nA: ")
     assert item["input_ids"][-1] == tok.eos_token_id
     assert item["labels"][:n_prompt] == [IGNORE_INDEX] * n_prompt
     assert item["labels"][n_prompt:] == [tok.convert_tokens_to_ids("3"), tok.eos_token_id]
-    everything = tokenize_row(tok, "Q: 1+2\nA: ", "3", max_length=64, train_on="all")
+    everything = tokenize_row(Encoder.of(tok), "Q: 1+2\nA: ", "3", max_length=64, train_on="all")
     assert everything["labels"] == everything["input_ids"]
 
 
@@ -134,7 +134,7 @@ def test_tokenize_counts_truncation_and_drops_rows_without_answer_tokens():
         {"prompt": "p" * 10, "completion": "a" * 30},  # cut: answer loses its end and EOS
         {"prompt": "p" * 40, "completion": "a"},       # prompt alone fills max_length: nothing to train on
     ]
-    kept, stats = tokenize_split(tok, rows, max_length=20, train_on="completion")
+    kept, stats = tokenize_split(Encoder.of(tok), rows, max_length=20, train_on="completion")
     assert (stats["rows"], stats["rows_truncated"], stats["rows_dropped_prompt_too_long"]) == (2, 1, 1)
     assert all(len(r["input_ids"]) <= 20 for r in kept)
     assert kept[1]["input_ids"][-1] != tok.eos_token_id
@@ -144,7 +144,7 @@ def test_tokenize_counts_truncation_and_drops_rows_without_answer_tokens():
 def test_tokenize_refuses_when_every_prompt_is_too_long():
     rows = [{"prompt": "p" * 40, "completion": "a"}]
     with pytest.raises(PipelineError, match="params key 'tokenize.max_length': all 1 prompts are 20 tokens or longer"):
-        tokenize_split(byte_tokenizer(), rows, max_length=20, train_on="completion")
+        tokenize_split(Encoder.of(byte_tokenizer()), rows, max_length=20, train_on="completion")
 
 
 def test_duplicate_rows_stop_or_are_dropped(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.sources import byte_tokenizer
-from qlora_pipeline.tokenization import MAX_UNCUT_CHARS, leading_ids, longest_token_chars, tokenize_split
+from qlora_pipeline.tokenization import MAX_UNCUT_CHARS, Encoder, leading_ids, longest_token_chars, tokenize_split
 
 
 PIECES = ["the", " cat", "  ", "\n", "\n\n", " 12345", "67", "!!", " é", "e\u0301", " 日本語", " 🙂", "\t", " don't",
@@ -46,17 +46,17 @@ def bpe():
 
 
 class Spy:
-    """A tokenizer that records the longest text it was asked to tokenize."""
+    """A `tokenizers.Tokenizer` that records the longest text it was asked to encode."""
 
-    def __init__(self, tokenizer):
-        self.tokenizer, self.longest = tokenizer, 0
+    def __init__(self, core):
+        self.core, self.longest = core, 0
 
-    def __call__(self, text, **kwargs):
+    def encode(self, text, **kwargs):
         self.longest = max(self.longest, len(text))
-        return self.tokenizer(text, **kwargs)
+        return self.core.encode(text, **kwargs)
 
     def __getattr__(self, name):
-        return getattr(self.tokenizer, name)
+        return getattr(self.core, name)
 
 
 def random_text(rng, pieces):
@@ -67,17 +67,18 @@ def random_text(rng, pieces):
 def test_cut_text_gives_the_whole_texts_first_tokens(family):
     """For many texts, counts and cut lengths, the first `count` tokens through the cut are the whole text's,
     and `more` says whether the whole text has more. (The byte tokenizer does not split text into words: only
-    its special tokens give it places to cut at.)"""
+    its special tokens give it places to cut at.) The whole text's tokens are transformers'."""
     tokenizer = byte_tokenizer() if family == "bytes" else trained_bpe(family)
+    core = Encoder.of(tokenizer).core
     rng = random.Random(0)
     cut = 0
     for _ in range(400):
         text = "".join(rng.choice(PIECES) for _ in range(rng.randint(1, 300)))
         count = rng.randint(1, 40)
         whole = tokenizer(text, add_special_tokens=False)["input_ids"]
-        spy = Spy(tokenizer)
+        spy = Spy(core)
         # Fewer characters a token than the vocabulary allows: more cuts, each at most as safe.
-        ids, more = leading_ids(spy, text, count, rng.choice([2, 4, 8, longest_token_chars(tokenizer)]), "t")
+        ids, more = leading_ids(spy, text, count, rng.choice([2, 4, 8, longest_token_chars(core)]), "t")
         assert (ids, more) == (whole[:count], len(whole) > count), (text, count)
         cut += spy.longest < len(text)
     assert cut > 50
@@ -89,9 +90,10 @@ def test_a_huge_row_is_cut_before_tokenizing(bpe):
     prose = " ".join(["The quick brown fox jumps over the lazy dog."] * 45_000)
     rows = [{"prompt": "Say hi.\n", "completion": "hi"}, {"prompt": "Summarize:\n", "completion": prose},
             {"prompt": prose, "completion": "short"}]
-    spy = Spy(bpe)
-    kept, stats = tokenize_split(spy, rows, max_length=64, train_on="completion", where="data/formatted/train.jsonl")
-    assert spy.longest <= 64 * longest_token_chars(bpe)
+    spy = Spy(Encoder.of(bpe).core)
+    kept, stats = tokenize_split(Encoder(spy, bpe.eos_token_id), rows, max_length=64, train_on="completion",
+                                 where="data/formatted/train.jsonl")
+    assert spy.longest <= 64 * longest_token_chars(spy.core)
     assert (stats["rows"], stats["rows_truncated"], stats["rows_dropped_prompt_too_long"]) == (2, 1, 1)
     whole = bpe("Summarize:\n", add_special_tokens=False)["input_ids"] + bpe(prose[:5000], add_special_tokens=False)["input_ids"]
     assert kept[1]["input_ids"] == whole[:64]
@@ -101,4 +103,4 @@ def test_a_huge_row_without_word_breaks_is_refused_naming_file_and_row(bpe):
     rows = [{"prompt": "Say hi.\n", "completion": "hi"}, {"prompt": "Decode:\n", "completion": "A" * (MAX_UNCUT_CHARS + 1)}]
     with pytest.raises(PipelineError, match=r"^data/formatted/eval.jsonl row 2 \(completion\): 1,000,001 characters "
                                             r"with no word break in the first [\d,]+ to cut them at"):
-        tokenize_split(bpe, rows, max_length=64, train_on="completion", where="data/formatted/eval.jsonl")
+        tokenize_split(Encoder.of(bpe), rows, max_length=64, train_on="completion", where="data/formatted/eval.jsonl")

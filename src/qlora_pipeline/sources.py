@@ -204,6 +204,10 @@ def fetch_model(params: ModelParams, seed: int, out_dir: Path) -> dict[str, Any]
         path, commit = _hub_snapshot(params.name, params.revision, "model", patterns)
         record.update(revision=params.revision, resolved_commit=commit)
         model, tokenizer = _load_dir(path, params)
+    if not tokenizer.is_fast:
+        # The tokenize stage reads tokenizer.json with the tokenizers library alone (tokenization.py).
+        raise PipelineError(f"params key 'model.name': {params.name!r} has only a Python tokenizer "
+                            f"({type(tokenizer).__name__}); the pipeline needs a fast one (tokenizer.json)")
     if tokenizer.pad_token is None:
         # Padding positions are masked out of attention and loss, so any id serves; EOS stays a real
         # label at the end of every answer, never replaced by padding.

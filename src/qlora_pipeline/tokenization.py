@@ -3,6 +3,13 @@
 The prompt and the answer are tokenized separately and concatenated, so the boundary between them is
 exact. EOS is appended to every answer and is a real label: the model learns where an answer ends,
 whatever the pad token is (padding is added per batch later, and masked out of the loss by position).
+
+Text is tokenized with the `tokenizers` library alone (an Encoder over models/base/tokenizer.json), not
+through transformers, whose import loads torch (3 of the stage's 4 s on a CPU). The ids are transformers':
+the download stage saves every tokenizer with transformers' save_pretrained, so tokenizer.json is the
+state transformers tokenizes with, and transformers' `tokenizer(text, add_special_tokens=False)` is that
+tokenizer's encode with no truncation or padding (tests/test_tokenization.py compares both, text by text,
+on the embedded, byte-level, trained BPE and class-specific GPT-2 / Llama tokenizers).
 """
 
 from __future__ import annotations
@@ -10,7 +17,7 @@ from __future__ import annotations
 import json
 import statistics
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from qlora_pipeline.errors import PipelineError
 
@@ -21,10 +28,52 @@ IGNORE_INDEX = -100  # label value that the loss skips
 MAX_UNCUT_CHARS = 1_000_000
 
 
-def longest_token_chars(tokenizer) -> int:
+class Encoder(NamedTuple):
+    """A model's tokenizer as this module uses it: `core`, a `tokenizers.Tokenizer` that neither truncates nor
+    pads, and the id of the EOS token appended to every answer."""
+
+    core: Any
+    eos_id: int
+
+    @classmethod
+    def of(cls, tokenizer) -> Encoder:
+        """The Encoder of a transformers fast tokenizer (one built in code, or loaded already)."""
+        return cls(_plain(tokenizer.backend_tokenizer.to_str(), tokenizer.split_special_tokens), tokenizer.eos_token_id)
+
+
+def _plain(tokenizer_json: str, split_special_tokens: bool):
+    """A `tokenizers.Tokenizer` from its JSON, set as transformers' tokenizer(text) runs it: a tokenizer.json may
+    carry truncation or padding settings, which transformers turns off for a call that asks for neither."""
+    from tokenizers import Tokenizer
+
+    core = Tokenizer.from_str(tokenizer_json)
+    core.no_truncation()
+    core.no_padding()
+    core.encode_special_tokens = split_special_tokens
+    return core
+
+
+def load_encoder(model_dir: str | Path) -> Encoder:
+    """The Encoder of a model directory the download stage wrote (tokenizer.json and tokenizer_config.json)."""
+    model_dir = Path(model_dir)
+    files = [model_dir / "tokenizer.json", model_dir / "tokenizer_config.json"]
+    for file in files:
+        if not file.is_file():
+            raise PipelineError(f"{file}: not found (the download stage saves the model's tokenizer there); "
+                                "rerun dvc repro download@model")
+    config = json.loads(files[1].read_text())
+    core = _plain(files[0].read_text(), bool(config.get("split_special_tokens", False)))
+    eos = config.get("eos_token")
+    eos_id = core.token_to_id(eos["content"] if isinstance(eos, dict) else eos) if eos else None
+    if eos_id is None:
+        raise PipelineError(f"{files[1]}: no eos_token in the vocabulary (every answer ends with EOS)")
+    return Encoder(core, eos_id)
+
+
+def longest_token_chars(core) -> int:
     """At least the characters one token covers: its longest vocabulary entry (byte-level vocabularies
     spell each byte as one character, and a character is at least one byte)."""
-    return max(map(len, tokenizer.get_vocab()))
+    return max(map(len, core.get_vocab(with_added_tokens=True)))
 
 
 def _cut_before_special_tokens(text: str, at: int, specials: list[str]) -> int:
@@ -39,7 +88,7 @@ def _cut_before_special_tokens(text: str, at: int, specials: list[str]) -> int:
     return at
 
 
-def leading_ids(tokenizer, text: str, count: int, token_chars: int, where: str) -> tuple[list[int], bool]:
+def leading_ids(core, text: str, count: int, token_chars: int, where: str) -> tuple[list[int], bool]:
     """The first `count` token ids of `text` (fewer if it has fewer), and whether it has more; time and memory
     bounded by `count`, not by the length of `text`.
 
@@ -52,11 +101,11 @@ def leading_ids(tokenizer, text: str, count: int, token_chars: int, where: str) 
     split text), the text is tokenized whole, up to MAX_UNCUT_CHARS characters, and refused beyond.
     """
     head_chars = count * token_chars
-    if len(text) > head_chars and tokenizer.is_fast:
-        specials = [token.content for token in tokenizer.added_tokens_decoder.values()]
-        encoding = tokenizer(text[: _cut_before_special_tokens(text, head_chars, specials)], add_special_tokens=False)
-        words = encoding.word_ids()
-        settled = encoding["input_ids"][: words.index(words[-1])] if words else []
+    if len(text) > head_chars:
+        specials = [token.content for token in core.get_added_tokens_decoder().values()]
+        encoding = core.encode(text[: _cut_before_special_tokens(text, head_chars, specials)], add_special_tokens=False)
+        words = encoding.word_ids
+        settled = encoding.ids[: words.index(words[-1])] if words else []
         if len(settled) >= count:
             return settled[:count], True
     if len(text) > MAX_UNCUT_CHARS:
@@ -64,22 +113,22 @@ def leading_ids(tokenizer, text: str, count: int, token_chars: int, where: str) 
             f"{where}: {len(text):,} characters with no word break in the first {head_chars:,} to cut them at "
             f"(a row is tokenized whole up to {MAX_UNCUT_CHARS:,}); shorten or drop the row"
         )
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = core.encode(text, add_special_tokens=False).ids
     return ids[:count], len(ids) > count
 
 
-def tokenize_row(tokenizer, prompt: str, completion: str, max_length: int, train_on: str,
+def tokenize_row(encoder: Encoder, prompt: str, completion: str, max_length: int, train_on: str,
                  token_chars: int | None = None, where: str = "row") -> dict[str, Any]:
     """One row as input_ids / labels, truncated to `max_length` tokens (the answer is cut first)."""
-    token_chars = token_chars or longest_token_chars(tokenizer)
-    prompt_ids, prompt_cut = leading_ids(tokenizer, prompt, max_length, token_chars, f"{where} (prompt)")
+    token_chars = token_chars or longest_token_chars(encoder.core)
+    prompt_ids, prompt_cut = leading_ids(encoder.core, prompt, max_length, token_chars, f"{where} (prompt)")
     room = max_length - len(prompt_ids)
     if room:
-        answer_ids, answer_cut = leading_ids(tokenizer, completion, room, token_chars, f"{where} (completion)")
+        answer_ids, answer_cut = leading_ids(encoder.core, completion, room, token_chars, f"{where} (completion)")
     else:  # the prompt fills max_length
         answer_ids, answer_cut = [], True
     if not answer_cut:
-        answer_ids.append(tokenizer.eos_token_id)
+        answer_ids.append(encoder.eos_id)
     input_ids = (prompt_ids + answer_ids)[:max_length]
     if train_on == "completion":
         labels = ([IGNORE_INDEX] * len(prompt_ids) + answer_ids)[:max_length]
@@ -114,29 +163,27 @@ def refuse_over_context(model_dir: str | Path, key: str, tokens: int, what: str)
 def check_generation_context(model_dir: str | Path, prompts: list[str], max_new_tokens: int, where: str) -> None:
     """Refuse generating `max_new_tokens` after the longest of `prompts` (rows of the file `where`) past the
     model's context, naming evaluate.max_new_tokens and that row."""
-    from transformers import AutoTokenizer
-
     context = model_context(model_dir)
     if not context:
         return
     refuse_over_context(model_dir, "evaluate.max_new_tokens", max_new_tokens, "generating")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    token_chars = longest_token_chars(tokenizer)
+    core = load_encoder(model_dir).core
+    token_chars = longest_token_chars(core)
     for index, prompt in enumerate(prompts):
         row = f"{where} row {index + 1}"
-        ids, more = leading_ids(tokenizer, prompt, context[0], token_chars, f"{row} (prompt)")
+        ids, more = leading_ids(core, prompt, context[0], token_chars, f"{row} (prompt)")
         refuse_over_context(model_dir, "evaluate.max_new_tokens", len(ids) + max_new_tokens,
                             f"generating after the prompt of {row} ({'over ' if more else ''}{len(ids)} tokens) takes")
 
 
-def tokenize_split(tokenizer, rows: list[dict], max_length: int, train_on: str,
+def tokenize_split(encoder: Encoder, rows: list[dict], max_length: int, train_on: str,
                    where: str = "rows") -> tuple[list[dict], dict[str, Any]]:
     """Tokenize a split (`where`: its file, for errors); rows left with no trained token are dropped.
     Returns the rows and their statistics."""
     kept, dropped = [], 0
-    token_chars = longest_token_chars(tokenizer)
+    token_chars = longest_token_chars(encoder.core)
     for index, row in enumerate(rows):
-        item = tokenize_row(tokenizer, row["prompt"], row["completion"], max_length, train_on, token_chars,
+        item = tokenize_row(encoder, row["prompt"], row["completion"], max_length, train_on, token_chars,
                             f"{where} row {index + 1}")
         if all(label == IGNORE_INDEX for label in item["labels"]):
             dropped += 1
