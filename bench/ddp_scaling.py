@@ -30,11 +30,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
-LLAMA_1B = dict(  # TinyLlama/TinyLlama_v1.1's config.json, but for the vocabulary
-    model_type="llama", hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-    num_key_value_heads=4, max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0,
-    hidden_act="silu", tie_word_embeddings=False, vocab_size=49152,
-)
+SHAPE = "tinyllama-1.1b"  # qlora_pipeline.sources.RANDOM_CONFIGS
 
 
 # --smoke: the same code path on the CPU with a 2-layer model, to check the script before GPU time is spent.
@@ -66,9 +62,10 @@ def adapter_difference(a: Path, b: Path) -> float:
 def main(args: argparse.Namespace) -> None:
     import torch
     import transformers
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from qlora_pipeline.config import deep_update
+    from qlora_pipeline.sources import RANDOM_CONFIGS, random_model
 
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
@@ -91,14 +88,12 @@ def main(args: argparse.Namespace) -> None:
 
     # models/base: the random Llama-shaped model (bfloat16 on disk: half the bytes to write and read).
     base = project / "models/base"
-    spec = dict(LLAMA_1B, **(SMOKE_SHAPES if args.smoke else {}))
-    torch.manual_seed(params["seed"])
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(spec.pop("model_type"), **spec), dtype=torch.bfloat16)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    model = random_model(SHAPE, params["seed"], tokenizer, dtype="bfloat16", **(SMOKE_SHAPES if args.smoke else {}))
     n_params = model.num_parameters()
     model.save_pretrained(base)
     del model
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     tokenizer.save_pretrained(base)
     (base / "source.json").write_text(json.dumps({"source": "random", "name": "llama-1b", "parameters": n_params}))
     for script, *script_args in (("download.py", "data"), ("subset.py",), ("format.py",), ("tokenize_data.py",)):
@@ -143,7 +138,7 @@ def main(args: argparse.Namespace) -> None:
         "benchmark": "ddp_scaling", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "gpu": gpu, "gpus_on_host": torch.cuda.device_count(), "host": platform.node(), "cpus": os.cpu_count(),
         "python": platform.python_version(), "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-        "model": {"architecture": "llama", "parameters": n_params, **LLAMA_1B},
+        "model": {"architecture": "llama", "parameters": n_params, **RANDOM_CONFIGS[SHAPE]},
         "dequantized_cache_mb": args.dequantized_cache_mb,
         "data": Path(args.data).name, "rows_per_step": args.rows_per_step, "steps": args.steps, "warmup_steps": args.warmup,
         "results": results,

@@ -12,13 +12,11 @@ data=$(realpath "$1"); tokenizer=$(realpath "$2"); out=$(realpath -m "$3"); mkdi
 bench=$(realpath "$(dirname "$0")")
 work=$(mktemp -d); cp -r dvc.yaml stages src plots "$work/"
 python3 - "$data" "$work/params.yaml" "$tokenizer" "$work/random-distilgpt2" <<'PY'
-import sys, yaml, torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-from qlora_pipeline.sources import RANDOM_CONFIGS
+import sys, yaml
+from transformers import AutoTokenizer
+from qlora_pipeline.sources import random_model
 params = yaml.safe_load(open("profiles/tutorial.yaml"))
-spec = dict(RANDOM_CONFIGS["distilgpt2"])
-torch.manual_seed(params["seed"])
-AutoModelForCausalLM.from_config(AutoConfig.for_model(spec.pop("model_type"), **spec)).save_pretrained(sys.argv[4])
+random_model("distilgpt2", params["seed"]).save_pretrained(sys.argv[4])
 AutoTokenizer.from_pretrained(sys.argv[3]).save_pretrained(sys.argv[4])
 params["model"].update(source="local", name=sys.argv[4])
 params["data"].update(source="local", name=sys.argv[1], duplicates="drop")

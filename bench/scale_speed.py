@@ -47,19 +47,14 @@ def build_model(shape: str, tokenizer_dir: Path, out: Path, seed: int) -> int:
     """A random model of `shape` (qlora_pipeline.sources.RANDOM_CONFIGS), built on the GPU in bfloat16 and saved
     with the tokenizer; returns its parameter count. Reused when already there."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from qlora_pipeline.sources import RANDOM_CONFIGS
+    from qlora_pipeline.sources import random_model
 
     if (out / "config.json").exists():
         return json.loads((out / "parameters.json").read_text())["parameters"]
-    spec = dict(RANDOM_CONFIGS[shape])
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = AutoConfig.for_model(spec.pop("model_type"), **spec, bos_token_id=tokenizer.bos_token_id,
-                                  eos_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(seed)
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model = random_model(shape, seed, tokenizer, device="cuda", dtype="bfloat16")
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     parameters = model.num_parameters()

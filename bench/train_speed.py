@@ -127,11 +127,11 @@ def main(args: argparse.Namespace) -> None:
     import datasets
     import torch
     import transformers
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from qlora_pipeline.config import deep_update, parse_params
     from qlora_pipeline.prompts import format_rows
-    from qlora_pipeline.sources import RANDOM_CONFIGS, normalize_rows
+    from qlora_pipeline.sources import normalize_rows, random_model
     from qlora_pipeline.splits import make_subset
     from qlora_pipeline.tokenization import Encoder, tokenize_split
     from qlora_pipeline.training import train
@@ -148,11 +148,9 @@ def main(args: argparse.Namespace) -> None:
 
     # The same random start for every run: distilgpt2's exact config, seed 42, saved once.
     model_dir = work / "distilgpt2-random"
-    spec = dict(RANDOM_CONFIGS["distilgpt2"])
-    torch.manual_seed(params.seed)
-    AutoModelForCausalLM.from_config(AutoConfig.for_model(spec.pop("model_type"), **spec)).save_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    random_model("distilgpt2", params.seed, tokenizer).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
 
     rows = normalize_rows(json.loads(Path(args.data).read_text()), params.data.columns, args.data)[: args.rows]

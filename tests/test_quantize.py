@@ -4,7 +4,7 @@ import pytest
 
 from qlora_pipeline.config import LoraParams, QuantizeParams
 from qlora_pipeline.quantization import inspect, report_markdown
-from qlora_pipeline.sources import RANDOM_CONFIGS
+from qlora_pipeline.sources import random_model
 
 NF4 = QuantizeParams(load_in_4bit=True, quant_type="nf4", double_quant=True, compute_dtype="auto")
 
@@ -12,14 +12,8 @@ NF4 = QuantizeParams(load_in_4bit=True, quant_type="nf4", double_quant=True, com
 @pytest.fixture(scope="module")
 def distilgpt2_dir(tmp_path_factory):
     """Random weights with distilgpt2's exact config (the figures follow from the shapes alone)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    spec = dict(RANDOM_CONFIGS["distilgpt2"])
-    config = AutoConfig.for_model(spec.pop("model_type"), **spec)
-    torch.manual_seed(0)
     out = tmp_path_factory.mktemp("distilgpt2")
-    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    random_model("distilgpt2", 0).save_pretrained(out)
     return out
 
 

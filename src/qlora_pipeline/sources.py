@@ -55,11 +55,17 @@ RANDOM_CONFIGS: dict[str, dict[str, Any]] = {
         num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
         rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
     ),
+    # TinyLlama/TinyLlama_v1.1's config (bench/ddp_scaling.py), for the vocabulary.
+    "tinyllama-1.1b": dict(
+        model_type="llama", vocab_size=49152, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+        num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048, rms_norm_eps=1e-5,
+        rope_theta=10000.0, hidden_act="silu", tie_word_embeddings=False,
+    ),
 }
 # Tokenizers for random models, which have none of their own offline: the embedded model's (a real
 # 49,152-token BPE, realistic sequence lengths) or a byte-level one built in code (fast, for tests).
 RANDOM_TOKENIZERS = {"distilgpt2": "embedded", "tiny-gpt2": "bytes", "tiny-llama": "bytes", "llama-3-8b": "embedded",
-                     "llama-3.2-1b": "embedded"}
+                     "llama-3.2-1b": "embedded", "tinyllama-1.1b": "embedded"}
 
 _WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]
 _PICKLE_PATTERNS = ["*.bin", "*.pt", "*.pth"]  # torch pickles: loading them can run code
@@ -123,21 +129,30 @@ def _load_embedded(name: str):
     return model, embedded_tokenizer(name)
 
 
-def _load_random(name: str, seed: int):
+def random_model(name: str, seed: int, tokenizer=None, *, device: str = "cpu", dtype: str = "float32", **overrides):
+    """A model of the random architecture `name` (RANDOM_CONFIGS; `overrides` replace keys of its config), its
+    weights drawn with `seed` on `device` in `dtype` (a torch dtype's name). Given a tokenizer, its special
+    tokens are the tokenizer's (random weights know no other). The one way a random model is built: the
+    download stage's `model.source: random`, the benchmarks and the tests."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if name not in RANDOM_CONFIGS:
         raise PipelineError(f"params key 'model.name': unknown random architecture {name!r} (known: {', '.join(RANDOM_CONFIGS)})")
-    spec = dict(RANDOM_CONFIGS[name])
+    spec = {**RANDOM_CONFIGS[name], **overrides}
     config = AutoConfig.for_model(spec.pop("model_type"), **spec)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    tokenizer = embedded_tokenizer() if RANDOM_TOKENIZERS[name] == "embedded" else byte_tokenizer()
-    # The special tokens are the tokenizer's (random weights know no other).
-    for config in (model.config, model.generation_config):
-        config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
-    return model, tokenizer
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    if tokenizer is not None:
+        for config in (model.config, model.generation_config):
+            config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    return model
+
+
+def _load_random(name: str, seed: int):
+    tokenizer = embedded_tokenizer() if RANDOM_TOKENIZERS.get(name) == "embedded" else byte_tokenizer()
+    return random_model(name, seed, tokenizer), tokenizer
 
 
 def _check_weights_dir(path: Path, allow_pickle: bool) -> bool:
