@@ -13,19 +13,21 @@ import argparse
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 sys.path.insert(0, str(SRC))
 
 
 def run(main: Callable[..., None], doc: str, writes: Sequence[str | Path] = (), *, params_option: bool = False,
-        **choices: Mapping[str, Sequence[str | Path]]) -> None:
+        options: Mapping[str, Mapping[str, Any]] | None = None, **choices: Mapping[str, Sequence[str | Path]]) -> None:
     """Run `main` as the stage: parse its command line (`doc`'s first line is the --help), refuse outputs it
     cannot replace before any work, and stop on bad input with one line and exit status 2 (errors.run_stage).
 
     writes: the stage's outputs, as dvc.yaml lists them.
     choices: NAME={choice: the outputs it writes}, a positional argument, passed to `main` as NAME.
     params_option: a --params FILE option, passed as params_path (for a stage that relaunches itself).
+    options: further options, {flag: argparse.add_argument keywords}, passed to `main` by their dest.
     """
     from qlora_pipeline.errors import run_stage
     from qlora_pipeline.outputs import refuse_links
@@ -35,6 +37,8 @@ def run(main: Callable[..., None], doc: str, writes: Sequence[str | Path] = (), 
         parser.add_argument(name, choices=list(outputs))
     if params_option:
         parser.add_argument("--params", dest="params_path", default="params.yaml")
+    for flag, keywords in (options or {}).items():
+        parser.add_argument(flag, **keywords)
     args = vars(parser.parse_args())
     outputs = [*writes, *(path for name, per_choice in choices.items() for path in per_choice[args[name]])]
 

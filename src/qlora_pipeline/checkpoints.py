@@ -125,8 +125,9 @@ def finish(directory: Path) -> None:
 
 
 # Train keys that change neither the arithmetic nor the data order: a run may resume under other values
-# (the memory budget: the plan it leads to changes only the execution, and free memory differs run to run).
-_NOT_IN_RUN_IDENTITY = ("checkpoint_every_steps", "log_every_steps", "max_memory")
+# (the memory budget: the plan it leads to changes only the execution, and free memory differs run to run;
+# the rendezvous: a run cut off on several machines may resume at another address).
+_NOT_IN_RUN_IDENTITY = ("checkpoint_every_steps", "log_every_steps", "max_memory", "rdzv_endpoint", "rdzv_timeout_s")
 
 
 def resume_params(quantize: QuantizeParams, lora: LoraParams, params: TrainParams, seed: int) -> dict[str, Any]:

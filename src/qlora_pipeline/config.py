@@ -106,6 +106,10 @@ class TrainParams:
     checkpoint_every_steps: int
     eval_every_steps: int
     num_processes: int
+    nnodes: int
+    rdzv_endpoint: str
+    rdzv_timeout_s: int
+    sharding: Literal["none", "fsdp", "auto"]
 
 
 @dataclass(frozen=True)
@@ -168,12 +172,25 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "train.log_every_steps": (lambda v: v > 0, "> 0"),
     "train.checkpoint_every_steps": (lambda v: v >= 0, ">= 0 (0: no checkpoints)"),
     "train.num_processes": (lambda v: v >= 1, ">= 1"),
+    "train.nnodes": (lambda v: v >= 1, ">= 1"),
+    "train.rdzv_endpoint": (lambda v: v == "" or split_endpoint(v) is not None,
+                            "'' or HOST:PORT (the first machine's address and a port from 1 to 65535)"),
+    "train.rdzv_timeout_s": (lambda v: v > 0, "> 0 (seconds)"),
     "train.eval_every_steps": (lambda v: v >= 0, ">= 0 (0: no evaluation during training)"),
     "merge.compare_prompts": (lambda v: v > 0, "> 0"),
     "evaluate.batch_size": (lambda v: v > 0, "> 0"),
     "evaluate.max_new_tokens": (lambda v: v > 0, "> 0"),
     "evaluate.generate_rows": (lambda v: v >= 0, ">= 0"),
 }
+
+
+def split_endpoint(endpoint: str) -> tuple[str, int] | None:
+    """(host, port) of a rendezvous endpoint `HOST:PORT` (an IPv6 host in brackets), or None when it is not one."""
+    host, colon, port = endpoint.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not colon or not host or any(c.isspace() or c in "/[]" for c in host) or not port.isdigit():
+        return None
+    return (host, int(port)) if 1 <= int(port) <= 65535 else None
 
 
 def _type_name(tp: Any) -> str:

@@ -8,6 +8,7 @@ chooses what params leave on `auto`; on the CPU there is no GPU memory to plan f
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,6 +121,7 @@ class Execution:
     pad_to_multiple_of: int
     reason: str
     plan: Any = None              # memory_plan.Plan on a GPU, None on the CPU
+    sharding: str = "none"        # "fsdp": weights, gradients and optimizer states sharded over the processes
 
 
 def cpu_execution(params: TrainParams, rows: int, packing: bool, layers: int) -> Execution:
@@ -131,7 +133,44 @@ def cpu_execution(params: TrainParams, rows: int, packing: bool, layers: int) ->
                      resolve_pad_multiple(params, False), "the CPU: rows a pass and checkpointing as params set them")
 
 
-def gpu_execution(params: TrainParams, plan, rows: int, packing: bool, budget: float) -> Execution:
+def gpu_execution(params: TrainParams, plan, rows: int, packing: bool, budget: float, sharding: str = "none") -> Execution:
     reason = f"fastest plan within {budget / 2**30:.1f} GiB: {plan.describe()}"
+    if sharding == "fsdp":
+        reason += ", FSDP (weights, LoRA gradients and optimizer states sharded over the processes)"
     return Execution(rows, plan.rows_per_pass, plan.tokens_per_pass, packing, plan.cuda_graphs, plan.checkpointed_layers,
-                     plan.dequantized_cache_mb, resolve_pad_multiple(params, plan.cuda_graphs), reason, plan)
+                     plan.dequantized_cache_mb, resolve_pad_multiple(params, plan.cuda_graphs), reason, plan, sharding)
+
+
+def refuse_sharding(params: TrainParams, device: str, num_processes: int) -> None:
+    """train.sharding 'fsdp' where it cannot run, in one line. On the CPU accelerate 1.15 applies no FSDP plugin
+    (it shards only for GPU-like devices; a CPU run with one would silently be DDP)."""
+    if params.sharding != "fsdp":
+        return
+    if device != "cuda":
+        raise PipelineError("params key 'train.sharding' is 'fsdp' but training runs on the CPU, where accelerate "
+                            "applies no FSDP (it would train whole copies, as DDP): use none or auto")
+    if num_processes == 1:
+        raise PipelineError("params key 'train.sharding' is 'fsdp' but there is one process to shard over "
+                            "(train.num_processes x train.nnodes)")
+
+
+def resolve_sharding(params: TrainParams, num_processes: int, plan: Callable[[int], Any]) -> tuple[str, Any]:
+    """(sharding, plan) on GPUs, where `plan(shards)` plans a step with the model whole (1) or sharded over the
+    processes, or raises the planner's one line. auto: fsdp when the whole model's plan does not fit the
+    budget of some process (decided by all of them together: they must all shard or none), else none."""
+    from qlora_pipeline.distributed import agree_on_any
+
+    if params.sharding == "none" or num_processes == 1:
+        return "none", plan(1)
+    if params.sharding == "fsdp":
+        return "fsdp", plan(num_processes)
+    try:
+        whole, whole_error = plan(1), None
+    except PipelineError as exc:
+        whole, whole_error = None, exc
+    if not agree_on_any(whole is None):
+        return "none", whole
+    try:
+        return "fsdp", plan(num_processes)
+    except PipelineError as exc:
+        raise PipelineError(f"{exc} (whole on each process: {whole_error or 'fits here, not on another process'})") from None

@@ -121,6 +121,19 @@ def lora_bytes(size: ModelSize, eight_bit_optimizer: bool) -> float:
     return size.lora_params * (4 + 4 + (2 if eight_bit_optimizer else 8) + 4)
 
 
+def sharded_bytes(size: ModelSize, quantize: QuantizeParams, upcast: bool, eight_bit_optimizer: bool, shards: int) -> float:
+    """Weights and LoRA states one process holds during a step when FSDP shards them over `shards` processes:
+    its share of the packed 4-bit weights and of the LoRA weights, gradients and optimizer states; the
+    quantization constants whole (they are not parameters, every process keeps them); the non-quantized
+    parameters (embeddings, norms, head) whole, as they are gathered around the whole step; and two layers'
+    weights gathered at once (the one computing and the one prefetched)."""
+    packed = size.linear_params * (0.5 if quantize.load_in_4bit else 2)
+    constants = size.linear_params * (1 if quantize.double_quant else 4) / 64 if quantize.load_in_4bit else 0.0
+    other = size.other_params * (4 if upcast else 2)
+    gathered_layers = 2 * (packed + size.lora_params * 4) / size.layers
+    return (packed + lora_bytes(size, eight_bit_optimizer)) / shards + constants + other + gathered_layers
+
+
 def activation_bytes(size: ModelSize, tokens: int, checkpointed_layers: int) -> float:
     full_layer = 60 * size.hidden + 14 * size.intermediate
     kept = (size.layers - checkpointed_layers) * full_layer + checkpointed_layers * 4 * size.hidden
@@ -179,18 +192,34 @@ def memory_budget(max_memory: float | str, device_index: int = 0) -> float:
 
 def plan_step(size: ModelSize, params: TrainParams, quantize: QuantizeParams, rows_per_process: int,
               row_lengths: list[int], packing: bool, budget: float, eight_bit_optimizer: bool,
-              graphs_allowed: bool) -> Plan:
+              graphs_allowed: bool, shards: int = 1) -> Plan:
     """The fastest plan whose estimated peak fits `budget` bytes; PipelineError naming train.max_memory and
     the smallest budget that would do when none fits.
 
     A pass holds at most a token budget (train.micro_batch_size set by hand: at most that many rows instead),
-    so memory is bounded by the budget whatever rows a step draws; a step with long rows takes more passes."""
-    fixed = weights_bytes(size, quantize, params.upcast_non_quantized) + lora_bytes(size, eight_bit_optimizer)
+    so memory is bounded by the budget whatever rows a step draws; a step with long rows takes more passes.
+
+    shards > 1: the weights and LoRA states sharded over that many processes by FSDP (sharded_bytes). Each
+    process still loads the whole 4-bit model before it is sharded (accelerate 1.15 skips its low-memory loading
+    for 4-bit weights), so that must fit too. Every process must run as many passes as the others (each pass
+    gathers the weights together), so passes hold a fixed number of rows and the token bound is what those
+    rows can reach; activation checkpointing (FSDP's) covers every layer or none; no dequantized cache (a
+    whole dequantized copy on every process) and no CUDA graphs."""
+    upcast = params.upcast_non_quantized
+    if shards > 1:
+        fixed = sharded_bytes(size, quantize, upcast, eight_bit_optimizer, shards)
+        loading = weights_bytes(size, quantize, upcast)
+        graphs_allowed = False
+    else:
+        fixed = weights_bytes(size, quantize, upcast) + lora_bytes(size, eight_bit_optimizer)
+        loading = 0.0
     usable = budget * (1 - MARGIN_FRACTION) - MARGIN_BYTES
     longest_row = max(row_lengths)
     if params.micro_batch_size != "auto":
         rows = min(params.micro_batch_size, rows_per_process)
         bounds = [(rows, longest_pass_tokens(row_lengths, rows, packing))]
+    elif shards > 1:
+        bounds = [(rows, longest_pass_tokens(row_lengths, rows, packing)) for rows in range(1, rows_per_process + 1)]
     else:
         # Token budgets from the longest row (one row a pass at worst) to the longest possible step, by 1/8ths.
         most = longest_pass_tokens(row_lengths, rows_per_process, packing)
@@ -201,7 +230,7 @@ def plan_step(size: ModelSize, params: TrainParams, quantize: QuantizeParams, ro
         budgets.append(most)
         bounds = [(rows_per_process, tokens) for tokens in budgets]
     if params.gradient_checkpointing == "auto":
-        checkpoint_options = range(size.layers + 1)
+        checkpoint_options = [0, size.layers] if shards > 1 else range(size.layers + 1)
     else:
         checkpoint_options = [size.layers if params.gradient_checkpointing else 0]
     typical_step = sorted(row_lengths)[len(row_lengths) // 2] * rows_per_process
@@ -209,7 +238,7 @@ def plan_step(size: ModelSize, params: TrainParams, quantize: QuantizeParams, ro
     for rows, tokens in bounds:
         passes = None
         for layers in checkpoint_options:
-            need = fixed + activation_bytes(size, tokens, layers)
+            need = max(fixed + activation_bytes(size, tokens, layers), loading)
             smallest = min(smallest, (need + MARGIN_BYTES) / (1 - MARGIN_FRACTION))
             if need > usable:
                 continue
@@ -217,16 +246,17 @@ def plan_step(size: ModelSize, params: TrainParams, quantize: QuantizeParams, ro
                 passes = mean_passes(row_lengths, rows_per_process, tokens, rows, packing)
             graph_options = [graphs_allowed and layers == 0] if params.cuda_graphs == "auto" else [bool(params.cuda_graphs)]
             for graphs in graph_options:
-                cache = _cache_mb(size, quantize, params, usable - need)
+                cache = _cache_mb(size, quantize, params, usable - need) if shards == 1 else 0.0
                 cached_fraction = min(1.0, cache * MIB / max(size.linear_params * 2, 1))
                 candidates.append(Plan(rows, tokens, round(passes, 2), layers, graphs, cache,
                                        round((need + cache * MIB) / MIB, 1),
                                        step_seconds(size, typical_step, passes, layers, graphs, cached_fraction)))
     if not candidates:
+        sharded = f", sharded over {shards} processes" if shards > 1 else ""
         raise PipelineError(
             f"params key 'train.max_memory': {budget / GIB:.1f} GiB is less than the {smallest / GIB:.1f} GiB that the "
-            f"smallest execution of this model and data needs (the longest row, {longest_row:,} tokens, alone in a "
-            "pass, every layer checkpointed); give it more, or shorten tokenize.max_length"
+            f"smallest execution of this model and data needs{sharded} (the longest row, {longest_row:,} tokens, "
+            "alone in a pass, every layer checkpointed); give it more, or shorten tokenize.max_length"
         )
     return min(candidates, key=lambda plan: (round(plan.step_s, 4), plan.peak_mb))
 

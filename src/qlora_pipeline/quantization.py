@@ -38,7 +38,8 @@ def resolve_compute_dtype(quantize: QuantizeParams, device: str):
     return torch.float32
 
 
-def bnb_config(quantize: QuantizeParams, compute_dtype):
+def bnb_config(quantize: QuantizeParams, compute_dtype, quant_storage=None):
+    """quant_storage: the dtype the packed 4-bit weights are stored as (None: bitsandbytes' uint8)."""
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
@@ -46,16 +47,19 @@ def bnb_config(quantize: QuantizeParams, compute_dtype):
         bnb_4bit_quant_type=quantize.quant_type,
         bnb_4bit_use_double_quant=quantize.double_quant,
         bnb_4bit_compute_dtype=compute_dtype,
+        **({"bnb_4bit_quant_storage": quant_storage} if quant_storage is not None else {}),
     )
 
 
-def load_model(model_dir: str | Path, quantize: QuantizeParams, device: str, dtype, trust_remote_code: bool = False):
-    """The base model, in 4 bit if `quantize.load_in_4bit`, its other parameters in `dtype`, on `device`."""
+def load_model(model_dir: str | Path, quantize: QuantizeParams, device: str, dtype, trust_remote_code: bool = False,
+               quant_storage=None):
+    """The base model, in 4 bit if `quantize.load_in_4bit` (packed into `quant_storage`, see bnb_config), its other
+    parameters in `dtype`, on `device`."""
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = dict(dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
     if quantize.load_in_4bit:
-        kwargs["quantization_config"] = bnb_config(quantize, resolve_compute_dtype(quantize, device))
+        kwargs["quantization_config"] = bnb_config(quantize, resolve_compute_dtype(quantize, device), quant_storage)
     model = AutoModelForCausalLM.from_pretrained(model_dir, device_map={"": device}, **kwargs)
     return model
 

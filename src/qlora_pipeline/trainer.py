@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qlora_pipeline import checkpoints
+from qlora_pipeline import checkpoints, distributed
 from qlora_pipeline.execution import summed_over_processes, world
 from qlora_pipeline.packing import BOUNDARY_KEYS
 
@@ -172,8 +172,9 @@ def _run_log_callback(run_log: RunLog):
             # Every process takes part (the token counts are summed over processes), so every process has
             # finished writing its part of the checkpoint before the main one marks it complete.
             run_state = run_log.state(self.elapsed())
+            checkpoint = Path(args.output_dir) / f"{checkpoints.PREFIX}{state.global_step}"
+            distributed.gather_to_first_machine(checkpoint)   # the other machines' random-number states
             if state.is_world_process_zero:
-                checkpoint = Path(args.output_dir) / f"{checkpoints.PREFIX}{state.global_step}"
                 checkpoints.save_state(checkpoint, run_state)
 
     return RunLogCallback()
@@ -245,10 +246,11 @@ def sft_trainer_class(collator: TokenCountingCollator, token_metrics: bool):
     return SFTTrainerWithoutTokenMetrics
 
 
-def save_adapter(model, tokenizer, adapter_dir: Path) -> None:
+def save_adapter(model, tokenizer, adapter_dir: Path, state_dict: dict | None = None) -> None:
     """The adapter and tokenizer, byte for byte the same for the same weights: peft keeps
-    target_modules as a set and writes it in hash order, which differs from one process to the next."""
-    model.save_pretrained(adapter_dir)
+    target_modules as a set and writes it in hash order, which differs from one process to the next.
+    state_dict: the model's weights gathered from its shards (FSDP), else the model's own."""
+    model.save_pretrained(adapter_dir, **({"state_dict": state_dict} if state_dict is not None else {}))
     tokenizer.save_pretrained(adapter_dir)
     config_file = Path(adapter_dir) / "adapter_config.json"
     config = json.loads(config_file.read_text())
@@ -277,8 +279,9 @@ def peak_memory_mb(device: str) -> float:
 
 def fit(model, tokenizer, train_set, eval_set, params, run, optimizer: str, compute_dtype, device: str,
         num_processes: int, seed: int, checkpoint_dir: Path | None, resume_from: Path | None):
-    """Train `model` (peft-wrapped) with the execution `run`; return (trainer state, run log, graphed pass).
-    An out-of-memory error leaves with the step it happened at (`qlora_step`), for the caller's fallback."""
+    """Train `model` (peft-wrapped) with the execution `run`; return (trainer state, run log, graphed pass, the
+    model's weights gathered on the first process with FSDP, else None). An out-of-memory error leaves with the
+    step it happened at (`qlora_step`), for the caller's fallback."""
     import torch
     from trl import SFTConfig
 
@@ -331,6 +334,7 @@ def fit(model, tokenizer, train_set, eval_set, params, run, optimizer: str, comp
         # CPU wait for every queued kernel first, so it could never prepare the next step during this one.
         dataloader_pin_memory=device == "cuda",
         accelerator_config={"non_blocking": device == "cuda"},
+        **_fsdp_options(model, run),
     )
     sft_trainer = sft_trainer_class(collator, params.token_metrics)(
         model=model,
@@ -351,6 +355,12 @@ def fit(model, tokenizer, train_set, eval_set, params, run, optimizer: str, comp
         from qlora_pipeline.cuda_graphs import GraphedTrainingPass
 
         sft_trainer.graphed = GraphedTrainingPass(model, compute_dtype)
+    if run.sharding == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        # FSDP casts no parameter (the packed 4-bit weights stay as stored; autocast computes in the compute
+        # dtype, as without FSDP) and reduces gradients in float32, as DDP does.
+        sft_trainer.accelerator.state.fsdp_plugin.mixed_precision_policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     if resume_from is not None:
@@ -362,4 +372,23 @@ def fit(model, tokenizer, train_set, eval_set, params, run, optimizer: str, comp
         raise
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
-    return sft_trainer.state, run_log, sft_trainer.graphed
+    # Every process takes part in gathering the shards; the first gets the whole weights.
+    gathered = sft_trainer.accelerator.get_state_dict(sft_trainer.model) if run.sharding == "fsdp" else None
+    return sft_trainer.state, run_log, sft_trainer.graphed, gathered
+
+
+def _fsdp_options(model, run) -> dict[str, Any]:
+    """The Trainer's FSDP settings for a sharded run (accelerate's FSDP2 plugin): each decoder layer a unit,
+    resharded after its forward; checkpoints hold the whole adapter and optimizer state, written by the first
+    process (FULL_STATE_DICT: no shared filesystem needed between machines); FSDP's own activation
+    checkpointing where the plan checkpoints (it wraps every layer or none)."""
+    if run.sharding != "fsdp":
+        return {}
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = sorted({type(m).__name__ for m in model.modules() if isinstance(m, GradientCheckpointingLayer)})
+    return {"fsdp": True, "fsdp_config": {
+        "version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "transformer_layer_cls_to_wrap": layers,
+        "reshard_after_forward": True, "state_dict_type": "FULL_STATE_DICT",
+        "activation_checkpointing": run.checkpointed_layers > 0, "cpu_ram_efficient_loading": False,
+    }}

@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qlora_pipeline import checkpoints, execution, memory_plan, speedups, trainer
-from qlora_pipeline.config import LoraParams, QuantizeParams, TrainParams
+from qlora_pipeline import checkpoints, distributed, execution, memory_plan, speedups, trainer
+from qlora_pipeline.config import LoraParams, QuantizeParams, TrainParams, as_dict
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.quantization import load_model, lora_config, resolve_compute_dtype, resolve_device, resolve_target_modules
 
@@ -51,11 +51,22 @@ def train(
     device = resolve_device(params.device)
     compute_dtype = resolve_compute_dtype(quantize, device)
     num_processes, rank, local_rank = execution.world()
-    if num_processes != params.num_processes:
+    if num_processes != params.num_processes * params.nnodes:
         raise PipelineError(
-            f"params key 'train.num_processes' is {params.num_processes} but the stage runs in {num_processes} processes"
+            f"params keys 'train.num_processes' x 'train.nnodes' make {params.num_processes * params.nnodes} processes "
+            f"but the stage runs in {num_processes}"
         )
+    if num_processes > 1:
+        # Before anything is loaded: processes that would not train the same run stop here, all with one line.
+        distributed.start_process_group(device)
+        # The rendezvous may differ: --join names it on the other machines, each may wait as long as it likes.
+        train_keys = {k: v for k, v in as_dict(params).items() if k not in ("rdzv_endpoint", "rdzv_timeout_s")}
+        distributed.refuse_differences({"seed": seed, "quantize": as_dict(quantize), "lora": as_dict(lora),
+                                        "train": train_keys},
+                                       {"base_model": model_dir, "tokenized_data": tokenized_dir})
     resume_from = _resume_point(model_dir, tokenized_dir, quantize, lora, params, seed, checkpoint_dir, rank)
+    if params.checkpoint_every_steps:
+        resume_from = distributed.share_resume_point(resume_from, checkpoint_dir)
     train_set, eval_set = (datasets.load_from_disk(str(tokenized_dir / split)).select_columns(["input_ids", "labels"])
                            for split in ("train", "eval"))
     # Planned before any weight is loaded: a budget nothing fits in stops here with one line.
@@ -92,7 +103,7 @@ def train(
         result = attempt(run)
     seconds = time.perf_counter() - start
     if rank == 0:
-        trainer.save_adapter(model, tokenizer, adapter_dir)
+        trainer.save_adapter(model, tokenizer, adapter_dir, state_dict=result[3])
     return _metrics(result, run, seconds, dequantized_mb, optimizer, device, compute_dtype, num_processes,
                     len(train_set), targets, trainable, all_params, params)
 
@@ -134,7 +145,10 @@ def prepare_model(model_dir, quantize: QuantizeParams, lora: LoraParams, params:
         # cuDNN's attention rebuilds its plan for every new sequence length: with per-batch padding
         # that costs more than the attention itself (bench/NOTES.md, measured on H200).
         torch.backends.cuda.enable_cudnn_sdp(params.sdpa_cudnn)
-    model = load_model(model_dir, quantize, placement, compute_dtype)
+    # FSDP shards only floating-point tensors: the packed 4-bit weights are stored as bfloat16 then (the same
+    # bytes; accelerate would otherwise leave uint8 ones whole on every process).
+    storage = torch.bfloat16 if run.sharding == "fsdp" else None
+    model = load_model(model_dir, quantize, placement, compute_dtype, quant_storage=storage)
     if params.fused_activation:
         speedups.fuse_activations(model)
     dequantized_mb = speedups.cache_dequantized_weights(model, compute_dtype, run.dequantized_cache_mb) if quantize.load_in_4bit else 0.0
@@ -145,7 +159,8 @@ def prepare_model(model_dir, quantize: QuantizeParams, lora: LoraParams, params:
         from qlora_pipeline.packing import use_packed_attention
 
         use_packed_attention(model)
-    speedups.checkpoint_layers(model, run.checkpointed_layers)
+    if run.sharding != "fsdp":   # with FSDP, its own activation checkpointing wraps the layers (trainer.fit)
+        speedups.checkpoint_layers(model, run.checkpointed_layers)
     targets = resolve_target_modules(model, lora)
     return get_peft_model(model, lora_config(lora, targets)), targets, dequantized_mb
 
@@ -173,6 +188,7 @@ def plan_execution(model_dir, lora, quantize, params: TrainParams, device: str, 
     rows = execution.rows_per_process(params, num_processes)
     packing, _ = execution.resolve_packing(params, model)
     size = memory_plan.model_size(model, lora)
+    execution.refuse_sharding(params, device, num_processes)
     if device != "cuda":
         return execution.cpu_execution(params, rows, packing, size.layers)
     blockers = execution.graph_blockers(params, device, num_processes, compute_dtype, model, packing)
@@ -182,9 +198,9 @@ def plan_execution(model_dir, lora, quantize, params: TrainParams, device: str, 
         raise PipelineError("params key 'train.cuda_graphs' is true but train.gradient_checkpointing is on")
     budget = memory_plan.memory_budget(params.max_memory, local_rank)
     eight_bit = execution.resolve_optimizer(params.optim, device, size.lora_params) == "adamw_8bit"
-    plan = memory_plan.plan_step(size, params, quantize, rows, row_lengths, packing, budget, eight_bit,
-                                 graphs_allowed=not blockers)
-    return execution.gpu_execution(params, plan, rows, packing, budget)
+    sharding, plan = execution.resolve_sharding(params, num_processes, lambda shards: memory_plan.plan_step(
+        size, params, quantize, rows, row_lengths, packing, budget, eight_bit, graphs_allowed=not blockers, shards=shards))
+    return execution.gpu_execution(params, plan, rows, packing, budget, sharding)
 
 
 def _smaller_execution(run: execution.Execution, exc: BaseException, params: TrainParams, model_dir, lora,
@@ -192,7 +208,8 @@ def _smaller_execution(run: execution.Execution, exc: BaseException, params: Tra
     """The plan to retry with after an out-of-memory error in the first steps, or a one-line error."""
     step = getattr(exc, "qlora_step", 0)
     smaller = None
-    if run.plan is not None and step < FALLBACK_STEPS:
+    # Not with FSDP: its processes must keep running the same passes, and only this one ran out of memory.
+    if run.plan is not None and step < FALLBACK_STEPS and run.sharding == "none":
         size = memory_plan.model_size(memory_plan.shapes_only_model(model_dir), lora)
         smaller = memory_plan.fallback(run.plan, size, run.rows_per_step, row_lengths, run.packing)
     if smaller is None:
@@ -208,7 +225,7 @@ def _metrics(result, run: execution.Execution, seconds: float, dequantized_mb: f
              params: TrainParams) -> tuple[dict[str, Any], list[dict], list[dict]]:
     import torch
 
-    state, run_log, graphed = result
+    state, run_log, graphed, _ = result
     collator_passes = run_log.collator.passes
     counts = run_log.token_counts()
     steps = state.global_step
@@ -224,6 +241,8 @@ def _metrics(result, run: execution.Execution, seconds: float, dequantized_mb: f
         "epochs": round(state.epoch or 0.0, 4),
         "rows_per_step": params.batch_size * params.grad_accum,
         "num_processes": num_processes,
+        "nnodes": params.nnodes,
+        "sharding": run.sharding,
         "micro_batch_size": run.rows_per_pass,
         "max_tokens_per_pass": run.tokens_per_pass if math.isfinite(run.tokens_per_pass) else None,
         "passes_per_step": round(collator_passes / max(steps - run_log.resumed_from_step, 1), 3),

@@ -1,0 +1,113 @@
+"""train.sharding: FSDP over the processes, decided from the memory plan (auto), refused where it cannot run.
+
+FSDP itself does not run in this suite: accelerate 1.15 applies its FSDP plugin only to GPU-like devices
+(AcceleratorState keeps DistributedType.MULTI_CPU on the CPU, and the Trainer then wraps the model in DDP),
+so a CPU run with fsdp would silently train whole copies. What is tested here is what decides and sets it up:
+the per-process memory of a sharded plan, auto's choice, the refusals, and the Trainer's FSDP settings."""
+
+from __future__ import annotations
+
+import pytest
+
+from qlora_pipeline.config import parse_params
+from qlora_pipeline.errors import PipelineError
+from qlora_pipeline.execution import Execution, refuse_sharding, resolve_sharding
+from qlora_pipeline.memory_plan import (GIB, lora_bytes, longest_pass_tokens, plan_step, sharded_bytes,
+                                        shapes_only_model, weights_bytes)
+
+from conftest import tiny_params
+from test_memory_plan import LLAMA_8B, ROWS
+
+
+def params(**train):
+    return parse_params(tiny_params(train={"batch_size": 2, "grad_accum": 5, **train}))
+
+
+def plan(budget_gib, shards, **train):
+    p = params(**train)
+    rows = 10 // shards
+    return plan_step(LLAMA_8B, p.train, p.quantize, rows, ROWS, True, budget_gib * GIB, False,
+                     graphs_allowed=True, shards=shards)
+
+
+def test_a_shard_holds_its_part_of_the_weights_and_states():
+    quantize = params().quantize
+    whole = weights_bytes(LLAMA_8B, quantize, True) + lora_bytes(LLAMA_8B, False)
+    two, four = (sharded_bytes(LLAMA_8B, quantize, True, False, n) for n in (2, 4))
+    assert four < two < whole
+    # What is sharded halves from 2 to 4 processes: the packed 4-bit weights and the LoRA states.
+    packed_and_lora = LLAMA_8B.linear_params * 0.5 + lora_bytes(LLAMA_8B, False)
+    assert two - four == pytest.approx(packed_and_lora / 4)
+
+
+def test_sharded_plans_fit_where_the_whole_model_does_not():
+    with pytest.raises(PipelineError, match=r"params key 'train.max_memory': 7.0 GiB is less than"):
+        plan(7, shards=1)
+    sharded = plan(7, shards=2)
+    assert sharded.peak_mb < 7 * 1024
+    # Every process runs as many passes as the others: a fixed number of rows a pass, the token bound what
+    # those rows can reach; FSDP checkpoints every layer or none; no graphs, no dequantized copy.
+    assert sharded.tokens_per_pass == longest_pass_tokens(ROWS, sharded.rows_per_pass, True)
+    assert sharded.checkpointed_layers in (0, LLAMA_8B.layers)
+    assert (sharded.cuda_graphs, sharded.dequantized_cache_mb) == (False, 0.0)
+
+
+def test_each_process_still_loads_the_whole_4bit_model():
+    loading = weights_bytes(LLAMA_8B, params().quantize, True) / GIB
+    with pytest.raises(PipelineError, match=r"smallest execution of this model and data needs, sharded over 4 "):
+        plan(loading, shards=4)
+
+
+def test_auto_shards_only_when_the_whole_model_does_not_fit():
+    planned = []
+
+    def planner(fits_whole):
+        def plan_with(shards):
+            planned.append(shards)
+            if shards == 1 and not fits_whole:
+                raise PipelineError("params key 'train.max_memory': too little")
+            return f"plan over {shards}"
+        return plan_with
+
+    auto = params(sharding="auto").train
+    assert resolve_sharding(auto, 2, planner(True)) == ("none", "plan over 1")
+    assert resolve_sharding(auto, 2, planner(False)) == ("fsdp", "plan over 2")
+    assert resolve_sharding(auto, 1, planner(True)) == ("none", "plan over 1")
+    assert resolve_sharding(params(sharding="fsdp").train, 4, planner(True)) == ("fsdp", "plan over 4")
+    with pytest.raises(PipelineError, match="too little"):
+        resolve_sharding(params(sharding="none").train, 2, planner(False))
+
+
+def test_fsdp_is_refused_where_it_cannot_run():
+    fsdp = params(sharding="fsdp").train
+    with pytest.raises(PipelineError, match=r"^params key 'train.sharding' is 'fsdp' but training runs on the CPU"):
+        refuse_sharding(fsdp, "cpu", 2)
+    with pytest.raises(PipelineError, match="but there is one process to shard over"):
+        refuse_sharding(fsdp, "cuda", 1)
+    refuse_sharding(fsdp, "cuda", 2)
+    refuse_sharding(params(sharding="auto").train, "cpu", 2)
+
+
+def test_the_trainer_gets_fsdp2_over_the_decoder_layers(tmp_path):
+    from trl import SFTConfig
+
+    from qlora_pipeline.config import ModelParams
+    from qlora_pipeline.sources import fetch_model
+    from qlora_pipeline.trainer import _fsdp_options
+
+    fetch_model(ModelParams("random", "tiny-llama", "main", False, False), 0, tmp_path / "llama")
+    model = shapes_only_model(tmp_path / "llama")
+
+    def execution(sharding, checkpointed):
+        return Execution(4, 2, 100.0, False, False, checkpointed, 0.0, 1, "planned", None, sharding)
+
+    assert _fsdp_options(model, execution("none", 0)) == {}
+    options = _fsdp_options(model, execution("fsdp", 2))
+    config = SFTConfig(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none", gradient_checkpointing=False,
+                       **options)
+    assert config.fsdp_plugin_args == {
+        "fsdp_version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "transformer_cls_names_to_wrap": "LlamaDecoderLayer",
+        "cpu_ram_efficient_loading": False, "state_dict_type": "FULL_STATE_DICT", "activation_checkpointing": True,
+        "reshard_after_forward": True,
+    }
+    assert _fsdp_options(model, execution("fsdp", 0))["fsdp_config"]["activation_checkpointing"] is False
