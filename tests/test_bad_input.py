@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import copy_project, edit_params, run_stage
+from helpers import copy_project, edit_params, run_stage
 
 OUTPUTS = ("models", "data", "metrics", "reports", "checkpoints")
 

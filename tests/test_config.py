@@ -1,10 +1,10 @@
 import pytest
 import yaml
 
-from qlora_pipeline.config import load_params, parse_params
+from qlora_pipeline.config import deep_update, load_params, parse_params
 from qlora_pipeline.errors import PipelineError
 
-from conftest import ROOT, default_params, deep_update
+from helpers import ROOT, default_params
 
 
 def test_default_params_and_profiles_are_valid():

@@ -16,7 +16,7 @@ from qlora_pipeline.tokenization import load_encoder, tokenize_split
 from qlora_pipeline.execution import graph_blockers, resolve_pad_multiple
 from qlora_pipeline.training import train
 
-from conftest import tiny_params
+from helpers import tiny_params
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 

@@ -4,7 +4,7 @@ import json
 import subprocess
 import sys
 
-from conftest import ROOT, copy_project, sh, tool_env
+from helpers import ROOT, copy_project, sh, tool_env
 
 
 def test_experiment_runs_its_own_library_code(reproduced, tmp_path):

@@ -13,7 +13,7 @@ from qlora_pipeline.execution import resolve_packing, rows_per_process
 from qlora_pipeline.sources import fetch_model
 from qlora_pipeline.trainer import PASSES, TokenCountingCollator
 
-from conftest import tiny_params
+from helpers import tiny_params
 
 
 def rows(*lengths):

@@ -9,7 +9,7 @@ from qlora_pipeline.config import parse_params
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.memory_plan import GIB, ModelSize, fallback, longest_pass_tokens, model_size, plan_step, shapes_only_model
 
-from conftest import tiny_params
+from helpers import tiny_params
 
 # Llama-3-8B's shapes with the embedded tokenizer's vocabulary (what model_size reads off its config).
 LLAMA_8B = ModelSize(layers=32, hidden=4096, intermediate=14336, vocab=49152, linear_params=6_979_321_856,

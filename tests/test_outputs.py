@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, copy_project, run_stage, sh
+from helpers import ROOT, copy_project, run_stage, sh
 
 OUTPUTS = ("models", "data", "metrics", "reports", "dvclive")
 

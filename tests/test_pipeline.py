@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from conftest import FAKE_HF_TOKEN, ROOT, copy_project, edit_params, make_project, sh, tiny_params, tool_env
+from helpers import FAKE_HF_TOKEN, ROOT, copy_project, edit_params, make_project, sh, tiny_params, tool_env
 
 pytestmark = pytest.mark.slow
 

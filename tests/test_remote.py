@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import copy_project, make_project, sh, tiny_params, tool_env
+from helpers import copy_project, make_project, sh, tiny_params, tool_env
 from servers import S3_SECRET, SSHD, S3Server, SSHServer, add_remote
 
 pytestmark = pytest.mark.slow

@@ -19,7 +19,7 @@ import time
 import pytest
 import torch
 
-from conftest import copy_project, edit_params, sh, tool_env
+from helpers import copy_project, edit_params, sh, tool_env
 from test_bad_input import CASES
 
 pytestmark = pytest.mark.slow

@@ -3,7 +3,6 @@ uninterrupted run ends (on the CPU: the same adapter bytes, the same step log an
 
 import csv
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import edit_params, make_project, run_stage, tiny_params, tool_env
+from helpers import copy_project, edit_params, make_project, run_stage, tiny_params, tool_env
 
 # 8 train rows, 4 rows a step: 2 steps an epoch, 6 steps (3 epochs), checkpoints after steps 3 and 6;
 # step 3 is mid-epoch, so resuming must restore the data order and RNG state, not only the weights.
@@ -30,11 +29,6 @@ def tokenized(tmp_path_factory):
                           ("tokenize_data.py",)):
         run_stage(project, script, *args)
     return project
-
-
-def copy_of(project, dest):
-    shutil.copytree(project, dest, symlinks=True)
-    return dest
 
 
 def kill_train_after(project, step):
@@ -61,13 +55,13 @@ def train_metrics(project):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tokenized, tmp_path_factory):
-    project = copy_of(tokenized, tmp_path_factory.mktemp("uninterrupted") / "project")
+    project = copy_project(tokenized, tmp_path_factory.mktemp("uninterrupted") / "project")
     run_stage(project, "train.py")
     return project
 
 
 def test_killed_train_resumes_to_the_same_adapter(tokenized, uninterrupted, tmp_path):
-    project = copy_of(tokenized, tmp_path / "project")
+    project = copy_project(tokenized, tmp_path / "project")
     kill_train_after(project, 3)
     checkpoints = project / "checkpoints/train"
     assert not (project / "models/adapter").exists()
@@ -97,7 +91,7 @@ def test_killed_train_resumes_to_the_same_adapter(tokenized, uninterrupted, tmp_
 
 
 def test_checkpoint_of_other_params_is_refused(tokenized, tmp_path):
-    project = copy_of(tokenized, tmp_path / "project")
+    project = copy_project(tokenized, tmp_path / "project")
     kill_train_after(project, 3)
     before = sorted(p.relative_to(project) for p in (project / "checkpoints").rglob("*"))
 
@@ -116,7 +110,7 @@ def test_checkpoint_of_other_params_is_refused(tokenized, tmp_path):
 
 
 def test_changed_data_makes_a_checkpoint_foreign(tokenized, tmp_path):
-    project = copy_of(tokenized, tmp_path / "project")
+    project = copy_project(tokenized, tmp_path / "project")
     kill_train_after(project, 3)
     edit_params(project, lambda params: params["tokenize"].update(train_on="all"))
     run_stage(project, "tokenize_data.py")

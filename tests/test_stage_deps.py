@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from conftest import ROOT, copy_project, sh
+from helpers import ROOT, copy_project, sh
 
 PACKAGE = "qlora_pipeline"
 PACKAGE_DIR = Path("src") / PACKAGE

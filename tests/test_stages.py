@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from conftest import FAKE_HF_TOKEN, make_project, run_stage, tiny_params
+from helpers import FAKE_HF_TOKEN, make_project, project_with_inputs, run_stage, tiny_params
 
 
 def read_json(path):
@@ -69,9 +69,7 @@ def test_train_is_reproducible(ran, tmp_path):
     """Same params and seed: the same losses and the same adapter, bit for bit, on the CPU."""
     from safetensors.torch import load_file
 
-    again = make_project(tmp_path, tiny_params())
-    for name in ("models/base", "data/tokenized"):
-        shutil.copytree(ran / name, again / name)
+    again = project_with_inputs(ran, tmp_path, tiny_params())
     run_stage(again, "train.py")
     assert read_json(again / "metrics/train.json")["train_loss"] == read_json(ran / "metrics/train.json")["train_loss"]
     first = load_file(ran / "models/adapter/adapter_model.safetensors")
@@ -121,9 +119,7 @@ def test_evaluate(ran):
     ],
 )
 def test_bad_params_leave_outputs_untouched(ran, tmp_path, overrides, script, message):
-    project = make_project(tmp_path, tiny_params(**overrides))
-    for name in ("models/base", "data/raw", "models/adapter"):
-        shutil.copytree(ran / name, project / name)
+    project = project_with_inputs(ran, tmp_path, tiny_params(**overrides), ("models/base", "data/raw", "models/adapter"))
     before = {p: p.read_bytes() for p in project.glob("models/**/*") if p.is_file()}
     result = run_stage(project, script, *(["model"] if script == "download.py" else []), check=False)
     assert result.returncode == 2
@@ -212,9 +208,7 @@ def train_variants(ran, tmp_path, variants: dict) -> dict:
 
     out = {}
     for name, overrides in variants.items():
-        project = make_project(tmp_path / name, tiny_params(**overrides))
-        for path in ("models/base", "data/tokenized"):
-            shutil.copytree(ran / path, project / path)
+        project = project_with_inputs(ran, tmp_path / name, tiny_params(**overrides))
         run_stage(project, "train.py")
         out[name] = (read_json(project / "metrics/train.json"), list(csv.DictReader((project / "metrics/train_log.csv").open())))
     return out
@@ -244,9 +238,7 @@ def test_micro_batches_and_packing_change_execution_not_what_is_optimized(ran, t
     assert packed["padded_tokens"] == packed["real_tokens"] == padded["real_tokens"] < padded["padded_tokens"]
     assert packed["trained_tokens"] == padded["trained_tokens"]
     assert_same_steps(runs["one-pass"][1], runs["packed"][1], 1e-5, 1e-4)
-    bad = make_project(tmp_path / "bad", tiny_params(train={"micro_batch_size": 3}))
-    for name in ("models/base", "data/tokenized"):
-        shutil.copytree(ran / name, bad / name)
+    bad = project_with_inputs(ran, tmp_path / "bad", tiny_params(train={"micro_batch_size": 3}))
     result = run_stage(bad, "train.py", check=False)
     assert result.returncode == 2
     assert "params key 'train.micro_batch_size': 3 does not divide the 8 rows of an optimizer step" in result.stderr
