@@ -1,9 +1,12 @@
 """train.sharding: FSDP over the processes, decided from the memory plan (auto), refused where it cannot run.
 
-FSDP itself does not run in this suite: accelerate 1.15 applies its FSDP plugin only to GPU-like devices
+The stage's FSDP does not run in this suite: accelerate 1.15 applies its FSDP plugin only to GPU-like devices
 (AcceleratorState keeps DistributedType.MULTI_CPU on the CPU, and the Trainer then wraps the model in DDP),
-so a CPU run with fsdp would silently train whole copies. What is tested here is what decides and sets it up:
-the per-process memory of a sharded plan, auto's choice, the refusals, and the Trainer's FSDP settings."""
+so a CPU run with fsdp would silently train whole copies. (torch's fully_shard itself does run on the CPU over
+gloo: on the tiny Llama in 4 bit, bfloat16 storage, with a LoRA adapter, two processes gave the one-process
+gradient norm, 0.195476, to the last digit; but that is not the path the stage takes.) What is tested here is
+what decides and sets it up: the per-process memory of a sharded plan, auto's choice, the refusals, and the
+Trainer's FSDP settings."""
 
 from __future__ import annotations
 
@@ -46,9 +49,8 @@ def test_sharded_plans_fit_where_the_whole_model_does_not():
     sharded = plan(7, shards=2)
     assert sharded.peak_mb < 7 * 1024
     # Every process runs as many passes as the others: a fixed number of rows a pass, the token bound what
-    # those rows can reach; FSDP checkpoints every layer or none; no graphs, no dequantized copy.
+    # those rows can reach; no graphs, no dequantized copy.
     assert sharded.tokens_per_pass == longest_pass_tokens(ROWS, sharded.rows_per_pass, True)
-    assert sharded.checkpointed_layers in (0, LLAMA_8B.layers)
     assert (sharded.cuda_graphs, sharded.dequantized_cache_mb) == (False, 0.0)
 
 
@@ -107,7 +109,6 @@ def test_the_trainer_gets_fsdp2_over_the_decoder_layers(tmp_path):
                        **options)
     assert config.fsdp_plugin_args == {
         "fsdp_version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "transformer_cls_names_to_wrap": "LlamaDecoderLayer",
-        "cpu_ram_efficient_loading": False, "state_dict_type": "FULL_STATE_DICT", "activation_checkpointing": True,
+        "cpu_ram_efficient_loading": False, "state_dict_type": "FULL_STATE_DICT", "activation_checkpointing": False,
         "reshard_after_forward": True,
     }
-    assert _fsdp_options(model, execution("fsdp", 0))["fsdp_config"]["activation_checkpointing"] is False

@@ -203,8 +203,7 @@ def plan_step(size: ModelSize, params: TrainParams, quantize: QuantizeParams, ro
     process still loads the whole 4-bit model before it is sharded (accelerate 1.15 skips its low-memory loading
     for 4-bit weights), so that must fit too. Every process must run as many passes as the others (each pass
     gathers the weights together), so passes hold a fixed number of rows and the token bound is what those
-    rows can reach; activation checkpointing (FSDP's) covers every layer or none; no dequantized cache (a
-    whole dequantized copy on every process) and no CUDA graphs."""
+    rows can reach; no dequantized cache (a whole dequantized copy on every process) and no CUDA graphs."""
     upcast = params.upcast_non_quantized
     if shards > 1:
         fixed = sharded_bytes(size, quantize, upcast, eight_bit_optimizer, shards)
@@ -230,7 +229,7 @@ def plan_step(size: ModelSize, params: TrainParams, quantize: QuantizeParams, ro
         budgets.append(most)
         bounds = [(rows_per_process, tokens) for tokens in budgets]
     if params.gradient_checkpointing == "auto":
-        checkpoint_options = [0, size.layers] if shards > 1 else range(size.layers + 1)
+        checkpoint_options = range(size.layers + 1)
     else:
         checkpoint_options = [size.layers if params.gradient_checkpointing else 0]
     typical_step = sorted(row_lengths)[len(row_lengths) // 2] * rows_per_process

@@ -289,7 +289,10 @@ def fit(model, tokenizer, train_set, eval_set, params, run, optimizer: str, comp
     work_dir = Path(tempfile.mkdtemp(prefix="qlora-trainer-"))
     collator = TokenCountingCollator(
         tokenizer.pad_token_id, run.pad_to_multiple_of, run.packing, split=not params.token_metrics,
-        max_tokens_per_pass=run.tokens_per_pass, max_rows_per_pass=run.rows_per_pass,
+        # With FSDP every process must run as many passes as the others (each pass gathers the weights
+        # together): passes bounded by rows only, held-out batches too (memory_plan.plan_step planned for that).
+        max_tokens_per_pass=run.tokens_per_pass if run.sharding == "none" else float("inf"),
+        max_rows_per_pass=run.rows_per_pass,
         segments=run.rows_per_step + 1 if run.packing else None,
     )
     run_log = RunLog(collator)
@@ -380,8 +383,10 @@ def fit(model, tokenizer, train_set, eval_set, params, run, optimizer: str, comp
 def _fsdp_options(model, run) -> dict[str, Any]:
     """The Trainer's FSDP settings for a sharded run (accelerate's FSDP2 plugin): each decoder layer a unit,
     resharded after its forward; checkpoints hold the whole adapter and optimizer state, written by the first
-    process (FULL_STATE_DICT: no shared filesystem needed between machines); FSDP's own activation
-    checkpointing where the plan checkpoints (it wraps every layer or none)."""
+    process (FULL_STATE_DICT: no shared filesystem needed between machines). Not FSDP's activation
+    checkpointing: accelerate wraps the layers without restoring the random state in the recompute, so LoRA
+    dropout would draw other masks there; the layers the plan checkpoints keep the pipeline's checkpointing
+    (speedups.checkpoint_layers), which restores it."""
     if run.sharding != "fsdp":
         return {}
     from transformers.modeling_layers import GradientCheckpointingLayer
@@ -389,6 +394,6 @@ def _fsdp_options(model, run) -> dict[str, Any]:
     layers = sorted({type(m).__name__ for m in model.modules() if isinstance(m, GradientCheckpointingLayer)})
     return {"fsdp": True, "fsdp_config": {
         "version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "transformer_layer_cls_to_wrap": layers,
-        "reshard_after_forward": True, "state_dict_type": "FULL_STATE_DICT",
-        "activation_checkpointing": run.checkpointed_layers > 0, "cpu_ram_efficient_loading": False,
+        "reshard_after_forward": True, "state_dict_type": "FULL_STATE_DICT", "activation_checkpointing": False,
+        "cpu_ram_efficient_loading": False,
     }}

@@ -159,8 +159,7 @@ def prepare_model(model_dir, quantize: QuantizeParams, lora: LoraParams, params:
         from qlora_pipeline.packing import use_packed_attention
 
         use_packed_attention(model)
-    if run.sharding != "fsdp":   # with FSDP, its own activation checkpointing wraps the layers (trainer.fit)
-        speedups.checkpoint_layers(model, run.checkpointed_layers)
+    speedups.checkpoint_layers(model, run.checkpointed_layers)
     targets = resolve_target_modules(model, lora)
     return get_peft_model(model, lora_config(lora, targets)), targets, dequantized_mb
 
