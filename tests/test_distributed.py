@@ -12,23 +12,19 @@ distribution."""
 
 import csv
 import json
-import shutil
 import socket
 import subprocess
 import sys
 
 import pytest
 
-from conftest import make_project, run_stage, tiny_params, tool_env
+from helpers import project_with_inputs, run_stage, tiny_params, tool_env
 
 
 def project_in(ran, dest, **train):
     """A project trained on the tiny data with `train` params, its inputs copied from the reproduced one."""
-    project = make_project(dest, tiny_params(
+    return project_with_inputs(ran, dest, tiny_params(
         lora={"dropout": 0.0}, train={"max_steps": 4, "checkpoint_every_steps": 2, **train}))
-    for name in ("models/base", "data/tokenized"):
-        shutil.copytree(ran / name, project / name)
-    return project
 
 
 def train_in(ran, dest, num_processes):
@@ -81,9 +77,7 @@ def test_two_processes_train_what_one_trains(ran, two_processes, tmp_path):
 
 
 def test_processes_must_share_the_rows_evenly(ran, tmp_path):
-    project = make_project(tmp_path / "p", tiny_params(train={"num_processes": 3}))
-    for name in ("models/base", "data/tokenized"):
-        shutil.copytree(ran / name, project / name)
+    project = project_with_inputs(ran, tmp_path / "p", tiny_params(train={"num_processes": 3}))
     result = run_stage(project, "train.py", check=False)
     assert result.returncode == 2
     assert result.stderr.strip() == ("error: params key 'train.num_processes': 3 processes cannot share the 8 rows "

@@ -18,7 +18,7 @@ from qlora_pipeline.execution import Execution, refuse_sharding, resolve_shardin
 from qlora_pipeline.memory_plan import (GIB, lora_bytes, longest_pass_tokens, plan_step, sharded_bytes,
                                         shapes_only_model, weights_bytes)
 
-from conftest import tiny_params
+from helpers import tiny_params
 from test_memory_plan import LLAMA_8B, ROWS
 
 
