@@ -121,12 +121,15 @@ def train_here(params) -> None:
         # The resolved config beside the checkpoint: what produced this adapter.
         resolved = {key: as_dict(getattr(params, key)) for key in ("quantize", "lora", "train")}
         outputs.write_json(out / "training_params.json", {"seed": params.seed, **resolved})
+        if main_process:
+            # Every output is made before any replaces its old self, so a failure leaves the whole old set: the
+            # step log, metrics and dvclive log are renamed into place here, the adapter as the block closes.
+            with outputs.atomic_dir(paths.TRAIN_LIVE) as live_dir:
+                reports.write_training_log(live_dir, step_rows, eval_rows)
+                outputs.write_texts({paths.METRICS / "train_log.csv": reports.step_log_csv(step_rows),
+                                     paths.METRICS / "train.json": outputs.json_text(metrics)})
     if not main_process:
         return
-    outputs.write_text(paths.METRICS / "train_log.csv", reports.step_log_csv(step_rows))
-    with outputs.atomic_dir(paths.TRAIN_LIVE) as live_dir:
-        reports.write_training_log(live_dir, step_rows, eval_rows)
-    outputs.write_json(paths.METRICS / "train.json", metrics)
     # Only now that every output is in place are the checkpoints of this run no longer needed.
     checkpoints.finish(paths.CHECKPOINTS)
     print(f"train: {metrics['steps']} steps, loss {metrics['train_loss']}, {metrics['runtime_s']} s, "

@@ -51,13 +51,13 @@ def bnb_config(quantize: QuantizeParams, compute_dtype, quant_storage=None):
     )
 
 
-def load_model(model_dir: str | Path, quantize: QuantizeParams, device: str, dtype, trust_remote_code: bool = False,
-               quant_storage=None):
+def load_model(model_dir: str | Path, quantize: QuantizeParams, device: str, dtype, quant_storage=None):
     """The base model, in 4 bit if `quantize.load_in_4bit` (packed into `quant_storage`, see bnb_config), its other
     parameters in `dtype`, on `device`."""
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = dict(dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
+    # No model code runs: config.py refuses model.trust_remote_code, and only safetensors weights load.
+    kwargs: dict[str, Any] = dict(dtype=dtype, use_safetensors=True, trust_remote_code=False)
     if quantize.load_in_4bit:
         kwargs["quantization_config"] = bnb_config(quantize, resolve_compute_dtype(quantize, device), quant_storage)
     model = AutoModelForCausalLM.from_pretrained(model_dir, device_map={"": device}, **kwargs)

@@ -207,8 +207,8 @@ def _smaller_execution(run: execution.Execution, exc: BaseException, params: Tra
     """The plan to retry with after an out-of-memory error in the first steps, or a one-line error."""
     step = getattr(exc, "qlora_step", 0)
     smaller = None
-    # Not with FSDP: its processes must keep running the same passes, and only this one ran out of memory.
-    if run.plan is not None and step < FALLBACK_STEPS and run.sharding == "none":
+    # One process only: in a distributed run (DDP or FSDP) the others would go on with the old plan, out of step.
+    if run.plan is not None and step < FALLBACK_STEPS and execution.world()[0] == 1:
         size = memory_plan.model_size(memory_plan.shapes_only_model(model_dir), lora)
         smaller = memory_plan.fallback(run.plan, size, run.rows_per_step, row_lengths, run.packing)
     if smaller is None:
