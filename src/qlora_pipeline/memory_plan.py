@@ -23,9 +23,8 @@ The caching allocator and the per-call dequantized weights need some room beyond
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 from qlora_pipeline.config import LoraParams, QuantizeParams, TrainParams
 from qlora_pipeline.errors import PipelineError
@@ -283,8 +282,3 @@ def fallback(plan: Plan, size: ModelSize, rows_per_process: int, row_lengths: li
     tokens = max(longest_row, plan.tokens_per_pass // 2)
     return replace(plan, tokens_per_pass=tokens, passes_per_step=round(
         mean_passes(row_lengths, rows_per_process, tokens, plan.rows_per_pass, packing), 2))
-
-
-def as_metrics(plan: Plan, budget: float | None, reason: str) -> dict[str, Any]:
-    return {"memory_budget_mb": round(budget / MIB, 1) if budget else None, "plan": reason,
-            **{f"plan_{k}": v for k, v in asdict(plan).items()}}

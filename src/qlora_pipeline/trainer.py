@@ -49,7 +49,7 @@ class TokenCountingCollator:
         self.padded = DataCollatorForLanguageModeling(
             pad_token_id=pad_token_id, pad_to_multiple_of=pad_to_multiple_of if pad_to_multiple_of > 1 else None
         )
-        self.pending: collections.deque[tuple[int, int, int]] = collections.deque()
+        self.pending: collections.deque[tuple[int, int, int, int]] = collections.deque()   # real, trained, computed tokens, passes
         self.real_tokens = 0
         self.trained_tokens = 0
         self.padded_tokens = 0

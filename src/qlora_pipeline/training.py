@@ -45,6 +45,7 @@ def train(
     continues from its last one (see checkpoints.py); the caller calls checkpoints.finish once the outputs
     are in place."""
     import datasets
+    import pyarrow.compute
     import torch
     from transformers import AutoTokenizer, set_seed
 
@@ -70,7 +71,8 @@ def train(
     train_set, eval_set = (datasets.load_from_disk(str(tokenized_dir / split)).select_columns(["input_ids", "labels"])
                            for split in ("train", "eval"))
     # Planned before any weight is loaded: a budget nothing fits in stops here with one line.
-    row_lengths = [len(ids) for ids in train_set["input_ids"]]
+    # Read off the Arrow column, without turning every token id into a Python int.
+    row_lengths = pyarrow.compute.list_value_length(train_set.with_format("arrow")["input_ids"]).to_pylist()
     run = plan_execution(model_dir, lora, quantize, params, device, compute_dtype, num_processes, local_rank, row_lengths)
     _refuse_padding_over_context(model_dir, run, max(row_lengths))
     print(f"train: execution: {run.reason}", file=sys.stderr)
