@@ -1,4 +1,4 @@
-"""Stage quantize-inspect: load the base in 4 bit and report what quantization and LoRA do to it.
+"""Stage quantize-inspect: what quantization and LoRA do to the base, from its shapes (no weight is read).
 
     python stages/quantize_inspect.py   # models/base -> metrics/quantize.json, reports/quantize.md, reports/quantize_memory.csv
 """
@@ -15,8 +15,7 @@ def main() -> None:
 
     params = load_params()
     paths.require(paths.BASE_MODEL)
-    device = quantization.resolve_device("auto")
-    figures = quantization.inspect(paths.BASE_MODEL, params.quantize, params.lora, device)
+    figures = quantization.inspect(paths.BASE_MODEL, params.quantize, params.lora)
     record = json.loads((paths.BASE_MODEL / "source.json").read_text())
     outputs.write_texts({
         paths.REPORTS / "quantize.md": quantization.report_markdown(figures, record),

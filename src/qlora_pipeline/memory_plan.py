@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 from qlora_pipeline.config import LoraParams, QuantizeParams, TrainParams
 from qlora_pipeline.errors import PipelineError
+# The model on the meta device (its shapes) is built where loading is: the planner's callers take it from here.
+from qlora_pipeline.quantization import shapes_only_model  # noqa: F401
 
 GIB = 2**30
 MIB = 2**20
@@ -69,16 +70,6 @@ class Plan:
                 f"({self.passes_per_step:.2f} a step on average), {checkpointing} activation checkpointing, "
                 f"CUDA graphs {'on' if self.cuda_graphs else 'off'}, dequantized-weight cache "
                 f"{self.dequantized_cache_mb:,.0f} MiB, estimated peak {self.peak_mb / 1024:.1f} GiB")
-
-
-def shapes_only_model(model_dir: str | Path):
-    """The model built from its config on the meta device: every shape, no memory, no weight read."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(model_dir)
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
 
 
 def model_size(model, lora: LoraParams) -> ModelSize:
