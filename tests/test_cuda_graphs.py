@@ -48,7 +48,8 @@ class _Model:
 @pytest.mark.parametrize("architecture", ["tiny-gpt2", "tiny-llama"])
 def test_graphed_passes_match_eager_passes(tmp_path, architecture):
     """Six steps over batches of several lengths (a capture per padded length, then replays): the same loss and
-    gradient norm at every step as eager passes, up to bfloat16 rounding."""
+    gradient norm at every step as eager passes, up to bfloat16 rounding; and so for peft's own LoRA modules
+    against the fused layers (which save their inputs in bfloat16)."""
     from qlora_pipeline.config import ModelParams
 
     model_dir = tmp_path / "model"
@@ -60,18 +61,20 @@ def test_graphed_passes_match_eager_passes(tmp_path, architecture):
         datasets.Dataset.from_list(items).save_to_disk(str(tmp_path / "tokenized" / split))
     for packing in (False, True):
         runs = {}
-        for name, graphs in (("eager", False), ("graphed", True), ("graphed-2-passes", True)):
+        for name, graphs in (("eager", False), ("graphed", True), ("graphed-2-passes", True), ("peft-modules", False)):
             micro = 4 if name.endswith("passes") else "auto"
             params = params_for(cuda_graphs=graphs, pad_to_multiple_of=16, optim="adamw_torch", packing=packing,
-                                micro_batch_size=micro, gradient_checkpointing=False, dequantized_cache_mb=0)
+                                micro_batch_size=micro, gradient_checkpointing=False, dequantized_cache_mb=0,
+                                fused_layers=name != "peft-modules")
             runs[name] = train(model_dir, tmp_path / "tokenized", tmp_path / f"{name}-{packing}", params.quantize,
                                params.lora, params.train, params.seed)
         eager = runs["eager"]
         assert eager[0]["cuda_graphs"] is False and eager[0]["packing"] is packing
-        for name in ("graphed", "graphed-2-passes"):
+        assert eager[0]["fused_layers"] is True and runs["peft-modules"][0]["fused_layers"] is False
+        for name in ("graphed", "graphed-2-passes", "peft-modules"):
             graphed = runs[name]
-            assert graphed[0]["cuda_graphs"] is True
-            assert graphed[0]["cuda_graph_shapes"] >= 2  # several lengths: captured once each, replayed after
+            assert graphed[0]["cuda_graphs"] is (name != "peft-modules")
+            assert graphed[0]["cuda_graph_shapes"] >= 2 or name == "peft-modules"  # captured once a length, then replayed
             assert eager[0]["real_tokens"] == graphed[0]["real_tokens"]
             for a, b in zip(eager[1], graphed[1], strict=True):
                 assert b["loss"] == pytest.approx(a["loss"], rel=2e-2), (packing, name)

@@ -230,6 +230,7 @@ def test_micro_batches_and_packing_change_execution_not_what_is_optimized(ran, t
         "one-pass": {"lora": {"dropout": 0.0}, "train": {"micro_batch_size": "auto", "packing": False}},
         "two-passes": {"lora": {"dropout": 0.0}, "train": {"micro_batch_size": 4, "packing": False}},
         "packed": {"lora": {"dropout": 0.0}, "train": {"micro_batch_size": 4, "packing": True}},
+        "fused": {"lora": {"dropout": 0.0}, "train": {"micro_batch_size": "auto", "packing": False, "fused_layers": True}},
     })
     assert runs["one-pass"][0]["micro_batch_size"] == 8 and runs["two-passes"][0]["micro_batch_size"] == 4
     assert_same_steps(runs["one-pass"][1], runs["two-passes"][1], 1e-5, 1e-4)
@@ -238,6 +239,7 @@ def test_micro_batches_and_packing_change_execution_not_what_is_optimized(ran, t
     assert packed["padded_tokens"] == packed["real_tokens"] == padded["real_tokens"] < padded["padded_tokens"]
     assert packed["trained_tokens"] == padded["trained_tokens"]
     assert_same_steps(runs["one-pass"][1], runs["packed"][1], 1e-5, 1e-4)
+    assert_same_steps(runs["one-pass"][1], runs["fused"][1], 1e-5, 1e-4)   # fused LoRA layers (fused_layers.py)
     bad = project_with_inputs(ran, tmp_path / "bad", tiny_params(train={"micro_batch_size": 3}))
     result = run_stage(bad, "train.py", check=False)
     assert result.returncode == 2

@@ -96,6 +96,7 @@ class TrainParams:
     packing: bool | Literal["auto"]
     sdpa_cudnn: bool
     fused_activation: bool
+    fused_layers: bool | Literal["auto"]
     pad_to_multiple_of: int | Literal["auto"]
     dequantized_cache_mb: float | Literal["auto"]
     upcast_non_quantized: bool

@@ -99,12 +99,16 @@ def graph_blockers(params: TrainParams, device: str, num_processes: int, compute
     return [reason for applies, reason in reasons if applies]
 
 
-def resolve_pad_multiple(params: TrainParams, cuda_graphs: bool) -> int:
-    """`auto`: 64 with CUDA graphs (each distinct batch shape costs a capture), else 1 (each batch padded to
-    its longest row, or a packed pass to its tokens: no token computed in vain)."""
+def resolve_pad_multiple(params: TrainParams, cuda_graphs: bool, packing: bool = False) -> int:
+    """`auto`: with CUDA graphs (each distinct batch shape costs a capture), 64 for padded batches and 256 for
+    packed passes (one sequence of a whole step's rows, thousands of tokens: ~6 % padding on a 2 k-token pass, a
+    capture per 256 tokens of spread instead of per 64); else 1 (each batch padded to its longest row, or a packed
+    pass to its tokens: no token computed in vain)."""
     if params.pad_to_multiple_of != "auto":
         return params.pad_to_multiple_of
-    return 64 if cuda_graphs else 1
+    if not cuda_graphs:
+        return 1
+    return 256 if packing else 64
 
 
 @dataclass(frozen=True)
@@ -122,6 +126,15 @@ class Execution:
     reason: str
     plan: Any = None              # memory_plan.Plan on a GPU, None on the CPU
     sharding: str = "none"        # "fsdp": weights, gradients and optimizer states sharded over the processes
+    fused_layers: bool = False    # LoRA layers and SwiGLU MLPs as single autograd functions (fused_layers.py)
+
+
+def uses_fused_layers(params: TrainParams, quantize, sharding: str, device: str) -> bool:
+    """Fused LoRA layers (fused_layers.py) run over bitsandbytes' 4-bit layers; FSDP gathers weights around peft's
+    own modules, so sharded runs keep those. auto: on a GPU, where activation memory is what limits a step (on
+    the CPU they compute the same within float32 rounding, but not bit for bit)."""
+    wanted = device == "cuda" if params.fused_layers == "auto" else params.fused_layers
+    return wanted and quantize.load_in_4bit and sharding != "fsdp"
 
 
 def cpu_execution(params: TrainParams, rows: int, packing: bool, layers: int) -> Execution:
@@ -138,7 +151,7 @@ def gpu_execution(params: TrainParams, plan, rows: int, packing: bool, budget: f
     if sharding == "fsdp":
         reason += ", FSDP (weights, LoRA gradients and optimizer states sharded over the processes)"
     return Execution(rows, plan.rows_per_pass, plan.tokens_per_pass, packing, plan.cuda_graphs, plan.checkpointed_layers,
-                     plan.dequantized_cache_mb, resolve_pad_multiple(params, plan.cuda_graphs), reason, plan, sharding)
+                     plan.dequantized_cache_mb, resolve_pad_multiple(params, plan.cuda_graphs, packing), reason, plan, sharding)
 
 
 def refuse_sharding(params: TrainParams, device: str, num_processes: int) -> None:

@@ -10,8 +10,9 @@ are taken as they are; the planner chooses the rest.
 
 The memory model (bytes, per token of a pass unless said otherwise), calibrated on Llama-3-8B and 1B shapes
 on an H200 (bench/NOTES.md has the measurements it was fitted to):
-- a layer that keeps its activations: 60 x hidden + 14 x intermediate (bfloat16 autocast, float32 residual
-  stream, LoRA dropout masks and inputs, attention and MLP intermediates);
+- a layer that keeps its activations, under peft's LoRA modules: 60 x hidden + 14 x intermediate (bfloat16
+  autocast, float32 residual stream, LoRA dropout masks and inputs, attention and MLP intermediates); with the
+  fused layers (fused_layers.py) what they keep, counted in layer_activation_bytes;
 - a checkpointed layer keeps its float32 input only: 4 x hidden; during the backward pass one layer at a
   time is recomputed, so one full layer's activations come on top;
 - the loss head: trl's chunked log-probabilities, 4 x min(vocab, 32,768) + 8 x hidden.
@@ -51,6 +52,7 @@ class ModelSize:
     largest_linear: int       # parameters of the largest of them (dequantized one at a time)
     other_params: int         # embeddings, norms, biases, output head
     lora_params: int          # trainable LoRA parameters
+    swiglu: bool = False      # the MLP is down(silu(gate(x)) * up(x)) (fused_layers.is_swiglu)
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,7 @@ def model_size(model, lora: LoraParams) -> ModelSize:
     import torch
     from transformers.pytorch_utils import Conv1D
 
+    from qlora_pipeline.fused_layers import is_swiglu
     from qlora_pipeline.quantization import linear_layer_names
 
     targets = set(linear_layer_names(model) if lora.target_modules == "auto" else lora.target_modules)
@@ -94,7 +97,8 @@ def model_size(model, lora: LoraParams) -> ModelSize:
     hidden = getattr(text, "hidden_size", None) or text.n_embd
     intermediate = getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None) or 4 * hidden
     layers = getattr(text, "num_hidden_layers", None) or text.n_layer
-    return ModelSize(layers, hidden, intermediate, text.vocab_size, linear, largest, total - linear, lora_params)
+    swiglu = any(is_swiglu(module) for module in model.modules())
+    return ModelSize(layers, hidden, intermediate, text.vocab_size, linear, largest, total - linear, lora_params, swiglu)
 
 
 def weights_bytes(size: ModelSize, quantize: QuantizeParams, upcast: bool) -> float:
@@ -124,8 +128,22 @@ def sharded_bytes(size: ModelSize, quantize: QuantizeParams, upcast: bool, eight
     return (packed + lora_bytes(size, eight_bit_optimizer)) / shards + constants + other + gathered_layers
 
 
-def activation_bytes(size: ModelSize, tokens: int, checkpointed_layers: int) -> float:
-    full_layer = 60 * size.hidden + 14 * size.intermediate
+def layer_activation_bytes(size: ModelSize, fused: bool, upcast: bool, dropout: bool) -> float:
+    """Bytes a token of a pass keeps in a layer that is not checkpointed."""
+    hidden, intermediate = size.hidden, size.intermediate
+    if not fused:
+        return 60 * hidden + 14 * intermediate
+    residual = 4 if upcast else 2
+    norms = 2 * residual * hidden                     # the two norms' inputs
+    lora_inputs = 2 * (3 * hidden + intermediate)     # one 16-bit copy of each distinct input (qkv, o, gate/up, down)
+    masks = (6 * hidden + intermediate) if dropout else 0   # one byte an input element of each LoRA layer
+    attention = 8 * hidden                            # queries, keys, values (grouped heads expanded), output
+    mlp = 4 * intermediate if size.swiglu else 3 * residual * intermediate
+    return norms + lora_inputs + masks + attention + mlp
+
+
+def activation_bytes(size: ModelSize, tokens: int, checkpointed_layers: int, full_layer: float | None = None) -> float:
+    full_layer = layer_activation_bytes(size, False, True, True) if full_layer is None else full_layer
     kept = (size.layers - checkpointed_layers) * full_layer + checkpointed_layers * 4 * size.hidden
     recompute = full_layer if checkpointed_layers else 0
     head = 4 * min(size.vocab, HEAD_CHUNK) + 8 * size.hidden
@@ -182,12 +200,14 @@ def memory_budget(max_memory: float | str, device_index: int = 0) -> float:
 
 def plan_step(size: ModelSize, params: TrainParams, quantize: QuantizeParams, rows_per_process: int,
               row_lengths: list[int], packing: bool, budget: float, eight_bit_optimizer: bool,
-              graphs_allowed: bool, shards: int = 1) -> Plan:
+              graphs_allowed: bool, shards: int = 1, layer_bytes: float | None = None) -> Plan:
     """The fastest plan whose estimated peak fits `budget` bytes; PipelineError naming train.max_memory and
     the smallest budget that would do when none fits.
 
     A pass holds at most a token budget (train.micro_batch_size set by hand: at most that many rows instead),
     so memory is bounded by the budget whatever rows a step draws; a step with long rows takes more passes.
+
+    layer_bytes: what a token keeps in a layer that is not checkpointed (layer_activation_bytes; None: peft's modules).
 
     shards > 1: the weights and LoRA states sharded over that many processes by FSDP (sharded_bytes). Each
     process still loads the whole 4-bit model before it is sharded (accelerate 1.15 skips its low-memory loading
@@ -227,7 +247,7 @@ def plan_step(size: ModelSize, params: TrainParams, quantize: QuantizeParams, ro
     for rows, tokens in bounds:
         passes = None
         for layers in checkpoint_options:
-            need = max(fixed + activation_bytes(size, tokens, layers), loading)
+            need = max(fixed + activation_bytes(size, tokens, layers, layer_bytes), loading)
             smallest = min(smallest, (need + MARGIN_BYTES) / (1 - MARGIN_FRACTION))
             if need > usable:
                 continue

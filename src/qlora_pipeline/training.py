@@ -16,6 +16,7 @@ import gc
 import math
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -163,7 +164,13 @@ def prepare_model(model_dir, quantize: QuantizeParams, lora: LoraParams, params:
         use_packed_attention(model)
     speedups.checkpoint_layers(model, run.checkpointed_layers)
     targets = resolve_target_modules(model, lora)
-    return get_peft_model(model, lora_config(lora, targets)), targets, dequantized_mb
+    model = get_peft_model(model, lora_config(lora, targets))
+    if run.fused_layers:
+        from qlora_pipeline import fused_layers
+
+        fused_layers.fuse_lora(model)
+        fused_layers.fuse_swiglu(model)
+    return model, targets, dequantized_mb
 
 
 def _shrink_to(model, smaller: execution.Execution, initial_adapter: dict) -> None:
@@ -191,7 +198,8 @@ def plan_execution(model_dir, lora, quantize, params: TrainParams, device: str, 
     size = memory_plan.model_size(model, lora)
     execution.refuse_sharding(params, device, num_processes)
     if device != "cuda":
-        return execution.cpu_execution(params, rows, packing, size.layers)
+        run = execution.cpu_execution(params, rows, packing, size.layers)
+        return replace(run, fused_layers=execution.uses_fused_layers(params, quantize, "none", device))
     blockers = execution.graph_blockers(params, device, num_processes, compute_dtype, model, packing)
     if params.cuda_graphs is True and blockers:
         raise PipelineError(f"params key 'train.cuda_graphs' is true but {blockers[0]}")
@@ -199,9 +207,16 @@ def plan_execution(model_dir, lora, quantize, params: TrainParams, device: str, 
         raise PipelineError("params key 'train.cuda_graphs' is true but train.gradient_checkpointing is on")
     budget = memory_plan.memory_budget(params.max_memory, local_rank)
     eight_bit = execution.resolve_optimizer(params.optim, device, size.lora_params) == "adamw_8bit"
-    sharding, plan = execution.resolve_sharding(params, num_processes, lambda shards: memory_plan.plan_step(
-        size, params, quantize, rows, row_lengths, packing, budget, eight_bit, graphs_allowed=not blockers, shards=shards))
-    return execution.gpu_execution(params, plan, rows, packing, budget, sharding)
+
+    def plan_for(shards: int):
+        fused = execution.uses_fused_layers(params, quantize, "fsdp" if shards > 1 else "none", device)
+        layer_bytes = memory_plan.layer_activation_bytes(size, fused, params.upcast_non_quantized, lora.dropout > 0)
+        return memory_plan.plan_step(size, params, quantize, rows, row_lengths, packing, budget, eight_bit,
+                                     graphs_allowed=not blockers, shards=shards, layer_bytes=layer_bytes)
+
+    sharding, plan = execution.resolve_sharding(params, num_processes, plan_for)
+    run = execution.gpu_execution(params, plan, rows, packing, budget, sharding)
+    return replace(run, fused_layers=execution.uses_fused_layers(params, quantize, sharding, device))
 
 
 def _smaller_execution(run: execution.Execution, exc: BaseException, params: TrainParams, model_dir, lora,
@@ -218,7 +233,8 @@ def _smaller_execution(run: execution.Execution, exc: BaseException, params: Tra
             f"train: out of GPU memory at step {step} with {run.reason}; lower params key 'train.max_memory' "
             "(or set train.micro_batch_size / train.gradient_checkpointing by hand)"
         ) from exc
-    return execution.gpu_execution(params, smaller, run.rows_per_step, run.packing, run.plan.peak_mb * memory_plan.MIB)
+    smaller_run = execution.gpu_execution(params, smaller, run.rows_per_step, run.packing, run.plan.peak_mb * memory_plan.MIB)
+    return replace(smaller_run, fused_layers=run.fused_layers)
 
 
 def _metrics(result, run: execution.Execution, seconds: float, dequantized_mb: float, optimizer: str, device: str,
@@ -249,6 +265,7 @@ def _metrics(result, run: execution.Execution, seconds: float, dequantized_mb: f
         "passes_per_step": round(collator_passes / max(steps - run_log.resumed_from_step, 1), 3),
         "packing": run.packing,
         "checkpointed_layers": run.checkpointed_layers,
+        "fused_layers": run.fused_layers,
         "execution": run.reason,
         "estimated_peak_mb": run.plan.peak_mb if run.plan else None,
         "optimizer": optimizer,
