@@ -42,11 +42,12 @@ from scale_speed import _versions, build_model, prepare_rows  # noqa: E402
 ROWS_PER_STEP = 16   # divides over 1, 2 and 4 processes
 
 
-def runs(gpu_counts: list[int], cap: float) -> list[tuple[str, int, float | None]]:
-    """(sharding, GPUs, cap in GiB or None) in the order they run."""
-    planned = [("none", 1, None)]
+def runs(gpu_counts: list[int], cap: float, capped_only: bool = False) -> list[tuple[str, int, float | None]]:
+    """(sharding, GPUs, cap in GiB or None) in the order they run (capped_only: the capped runs alone)."""
+    planned = [] if capped_only else [("none", 1, None)]
     for gpus in (n for n in gpu_counts if n > 1):
-        planned += [("none", gpus, cap), ("fsdp", gpus, cap), ("none", gpus, None), ("fsdp", gpus, None)]
+        planned += [("none", gpus, cap), ("fsdp", gpus, cap)]
+        planned += [] if capped_only else [("none", gpus, None), ("fsdp", gpus, None)]
     return planned
 
 
@@ -102,7 +103,7 @@ def main(args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     partial = out / "sharded_scaling-partial.jsonl"
     results = []
-    for sharding, gpus, cap in runs(gpu_counts, args.memory_cap_gib):
+    for sharding, gpus, cap in runs(gpu_counts, args.memory_cap_gib, args.capped_only):
         result = train_once(project, params, sharding, gpus, cap, args.warmup)
         results.append(result)
         with partial.open("a") as fh:
@@ -110,7 +111,7 @@ def main(args: argparse.Namespace) -> None:
         print(f"{sharding:5} {gpus} GPU cap {cap or '-'}: {result['real_tokens_per_s']} tokens/s, peak "
               f"{result['peak_allocated_mb']} MiB, error {result['error']}", flush=True)
 
-    reference = results[0]["real_tokens_per_s"]
+    reference = results[0]["real_tokens_per_s"] if results[0]["gpus"] == 1 else None
     for r in results:
         r["speedup_vs_1_gpu"] = round(r["real_tokens_per_s"] / reference, 3) if r["real_tokens_per_s"] and reference else None
     gpu = torch.cuda.get_device_name()
@@ -142,6 +143,7 @@ if __name__ == "__main__":
     parser.add_argument("--memory-cap-gib", type=float, default=7.0,
                         help="train.max_memory for the capped runs: under what one whole 4-bit copy needs to train")
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--capped-only", action="store_true", help="only the capped runs (DDP refused, fsdp trains)")
     parser.add_argument("--warmup", type=int, default=3, help="steps left out of the tokens/s")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--work", default="/tmp/qlora-sharded")

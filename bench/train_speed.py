@@ -63,7 +63,7 @@ def train_reference(model_dir: Path, rows, adapter_dir: Path, params, seed: int,
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, default_data_collator, set_seed
     from trl import SFTConfig, SFTTrainer
 
-    from qlora_pipeline.training import peak_memory_mb, peak_reserved_mb
+    from qlora_pipeline.trainer import peak_memory_mb, peak_reserved_mb
 
     set_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
