@@ -44,7 +44,10 @@ def load_base_as_trained(model_dir: Path, quantize: QuantizeParams, device: str,
     model = load_model(model_dir, quantize, device, compute_dtype)
     for param in model.parameters():
         if param.dtype.is_floating_point:
-            param.data = param.data.to(dtype)
+            # On the CPU a copy even in the same dtype: a parameter loaded as a view into the checkpoint's memory
+            # map keeps the whole file mapped, every weight page read while quantizing counted in the process's
+            # memory (3.6 GiB more for a 1 B float32 checkpoint, measured).
+            param.data = param.data.to(dtype, copy=param.device.type == "cpu")
     for _, layer in _linear_4bit_layers(model):
         # On a CPU with AVX512-BF16, bitsandbytes runs a 4-bit layer that is not training in a bfloat16
         # kernel (input and scales in bfloat16) whatever the compute dtype: not the arithmetic the adapter
@@ -104,7 +107,8 @@ def _max_abs_diff(a: list, b: list) -> float:
 
 
 def free_memory(device: str) -> None:
-    """Return what freed models held: to the process (gc) and, on a GPU, to the device."""
+    """Return what freed models held: to the process (gc), to the system (the C heap) and, on a GPU, to the device."""
+    import ctypes
     import gc
 
     import torch
@@ -112,6 +116,12 @@ def free_memory(device: str) -> None:
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
+    # glibc keeps freed heap memory for reuse, but a model's smaller tensors leave it in pieces that the next
+    # model's large tensors (allocated with mmap) do not reuse: 1.2 GiB after a 1 B model on the CPU, measured.
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim this way
+        pass
 
 
 def merge(model_dir: Path, adapter_dir: Path, formatted_eval: Path, out_dir: Path, params: MergeParams,
