@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -62,7 +63,10 @@ def train_once(project: Path, params: dict, sharding: str, gpus: int, cap: float
     result = {"sharding": sharding, "gpus": gpus, "memory_cap_gib": cap, "real_tokens_per_s": None,
               "peak_allocated_mb": None, "error": None}
     if child.returncode:
-        result["error"] = (child.stderr.strip().splitlines() or ["no output"])[-1][:400]
+        lines = child.stderr.strip().splitlines() or ["no output"]
+        # A failed worker's exception is above the launcher's last line: keep it beside that line.
+        raised = [line for line in lines if re.match(r"(\[rank\d+\]: )?\w+(Error|Exception): ", line)]
+        result["error"] = (lines[-1] + (f" ({raised[-1]})" if raised and raised[-1] != lines[-1] else ""))[:600]
         return result
     metrics = json.loads((project / "metrics/train.json").read_text())
     result.update(
