@@ -90,6 +90,16 @@ def prepare_rows(data: Path, tokenizer_dir: Path, work: Path, seed: int) -> None
             str(work / "tokenized" / split))
 
 
+def model_and_rows(shape: str, data: Path, tokenizer_dir: Path, work: Path, seed: int) -> int:
+    """The model of `shape` in work/<shape> and the rows in work/tokenized (built once, reused); returns the
+    model's parameter count."""
+    (work / "tokenized").mkdir(parents=True, exist_ok=True)
+    parameters = build_model(shape, tokenizer_dir, work / shape, seed)
+    if not (work / "tokenized" / "train").exists():
+        prepare_rows(data, tokenizer_dir, work, seed)
+    return parameters
+
+
 def cap_memory(cap_gib: float | None) -> None:
     import torch
 
@@ -197,10 +207,7 @@ def main(args) -> None:
     import torch
 
     work = Path(args.work)
-    (work / "tokenized").mkdir(parents=True, exist_ok=True)
-    parameters = build_model(args.shape, Path(args.tokenizer), work / args.shape, args.seed)
-    if not (work / "tokenized" / "train").exists():
-        prepare_rows(Path(args.data), Path(args.tokenizer), work, args.seed)
+    parameters = model_and_rows(args.shape, Path(args.data), Path(args.tokenizer), work, args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     partial = out / "scale_speed-partial.jsonl"
@@ -242,6 +249,19 @@ def main(args) -> None:
     print(f"wrote {path}")
 
 
+def model_arguments(description: str) -> argparse.ArgumentParser:
+    """The arguments scale_speed.py and step_profile.py share: the inputs, the shape, seed and folders."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--data", help="Alpaca-format JSON file (the Alpaca sample)")
+    parser.add_argument("--tokenizer", help="directory with the tokenizer (the embedded model's)")
+    parser.add_argument("--shape", default="llama-3-8b", choices=["llama-3-8b", "llama-3.2-1b"])
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--work", default="/tmp/qlora-scale")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    return parser
+
+
 def _versions() -> dict:
     import importlib.metadata as md
 
@@ -249,16 +269,9 @@ def _versions() -> dict:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", help="Alpaca-format JSON file (the Alpaca sample)")
-    parser.add_argument("--tokenizer", help="directory with the tokenizer (the embedded model's)")
-    parser.add_argument("--shape", default="llama-3-8b", choices=["llama-3-8b", "llama-3.2-1b"])
+    parser = model_arguments(__doc__.splitlines()[0])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=8, help="steps left out of the tokens/s (CUDA graph captures)")
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--work", default="/tmp/qlora-scale")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    parser.add_argument("--one", help=argparse.SUPPRESS)
     parsed = parser.parse_args()
     one_variant(parsed) if parsed.one else main(parsed)

@@ -16,7 +16,6 @@ Writes <out>/step_profile-<UTC time>-<gpu>-<shape>.json.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -115,13 +114,10 @@ def one_variant(args) -> dict:
 def main(args) -> None:
     import torch
 
-    from scale_speed import build_model, prepare_rows
+    from scale_speed import model_and_rows
 
     work = Path(args.work)
-    (work / "tokenized").mkdir(parents=True, exist_ok=True)
-    parameters = build_model(args.shape, Path(args.tokenizer), work / args.shape, args.seed)
-    if not (work / "tokenized" / "train").exists():
-        prepare_rows(Path(args.data), Path(args.tokenizer), work, args.seed)
+    parameters = model_and_rows(args.shape, Path(args.data), Path(args.tokenizer), work, args.seed)
     results = []
     for name in args.variants:
         child = subprocess.run([sys.executable, __file__, "--one", name, "--shape", args.shape, "--work", str(work),
@@ -154,15 +150,10 @@ def main(args) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", help="Alpaca-format JSON file (the Alpaca sample)")
-    parser.add_argument("--tokenizer", help="directory with the tokenizer (the embedded model's)")
-    parser.add_argument("--shape", default="llama-3-8b", choices=["llama-3-8b", "llama-3.2-1b"])
+    from scale_speed import model_arguments
+
+    parser = model_arguments(__doc__.splitlines()[0])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--rows", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--work", default="/tmp/qlora-scale")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    parser.add_argument("--one", help=argparse.SUPPRESS)
     parsed = parser.parse_args()
     print(json.dumps(one_variant(parsed))) if parsed.one else main(parsed)
