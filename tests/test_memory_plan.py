@@ -7,7 +7,8 @@ import pytest
 
 from qlora_pipeline.config import parse_params
 from qlora_pipeline.errors import PipelineError
-from qlora_pipeline.memory_plan import GIB, ModelSize, fallback, longest_pass_tokens, model_size, plan_step, shapes_only_model
+from qlora_pipeline.memory_plan import (GIB, ModelSize, fallback, layer_activation_bytes, longest_pass_tokens, model_size,
+                                        plan_step, shapes_only_model)
 
 from helpers import tiny_params
 
@@ -34,6 +35,20 @@ def test_the_plan_fits_the_budget_and_is_faster_with_more_memory():
     assert roomy.step_s <= card_24.step_s <= card_16.step_s
     assert roomy.checkpointed_layers == 0 and card_16.checkpointed_layers > 0
     assert card_16.cuda_graphs is False    # checkpointed passes are not captured
+
+
+def test_fused_layers_let_the_8b_shape_keep_every_layer_within_24_gib():
+    """What the H200 run showed (bench/NOTES.md): with the fused layers' 28 h + 7 i bytes a token a layer nothing
+    is checkpointed under 24 GiB and passes replay from CUDA graphs; with peft's modules 60 h + 14 i, most layers are."""
+    swiglu = ModelSize(**{**LLAMA_8B.__dict__, "swiglu": True})
+    fused = layer_activation_bytes(swiglu, fused=True, upcast=True, dropout=True)
+    assert fused == 28 * 4096 + 7 * 14336
+    assert layer_activation_bytes(swiglu, fused=False, upcast=True, dropout=True) == 60 * 4096 + 14 * 14336
+    p = params(batch_size=2, grad_accum=5)
+    fused_plan, peft_plan = (plan_step(swiglu, p.train, p.quantize, 10, ROWS, True, 24 * GIB, False, graphs_allowed=True,
+                                       layer_bytes=layer_bytes) for layer_bytes in (fused, None))
+    assert fused_plan.checkpointed_layers == 0 and fused_plan.cuda_graphs and fused_plan.peak_mb < 24 * 1024
+    assert peft_plan.checkpointed_layers > 16 and not peft_plan.cuda_graphs
 
 
 def test_keys_set_by_hand_win():

@@ -22,6 +22,7 @@ On the CPU the compute dtype is float32: tests/test_fused_layers.py checks both 
 
 from __future__ import annotations
 
+import functools
 import inspect
 import types
 import weakref
@@ -74,6 +75,7 @@ def is_swiglu(module) -> bool:
     return _SWIGLU_SOURCE in _forward_source(type(module))
 
 
+@functools.cache
 def _forward_source(cls) -> str:
     try:
         return inspect.getsource(cls.forward)
