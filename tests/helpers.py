@@ -3,6 +3,7 @@ and tools in them."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -72,6 +73,25 @@ def edit_params(project: Path, change) -> None:
     params = yaml.safe_load((project / "params.yaml").read_text())
     change(params)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+# Metrics keys that are wall-clock or memory measurements: they differ between runs of the same computation.
+TIMING = {"runtime_s", "real_tokens_per_s", "peak_memory_mb", "seconds"}
+
+
+def reproducible_outputs(project: Path) -> dict:
+    """Every output file's bytes; for the metrics with wall-clock figures, the rest of their content."""
+    found = {}
+    for path in sorted(p for top in ("data", "models", "metrics", "reports", "dvclive", "checkpoints")
+                       for p in (project / top).rglob("*") if p.is_file()):
+        key = str(path.relative_to(project))
+        if path.suffix == ".json" and path.parent.name == "metrics":
+            found[key] = {k: v for k, v in json.loads(path.read_text()).items() if k not in TIMING}
+        elif path.name == "train_log.csv":
+            found[key] = [line.rsplit(",", 1)[0] for line in path.read_text().splitlines()]  # no seconds column
+        else:
+            found[key] = path.read_bytes()
+    return found
 
 
 def tool_env(**extra: str) -> dict:

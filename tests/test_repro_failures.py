@@ -58,7 +58,8 @@ def dvc(project, *args):
 
 # How `dvc repro` meets the cases that are not a failure of its own:
 # - a damaged or missing output with its inputs intact: it reruns the stage that makes it, and the workspace
-#   is again what it was before the damage (the pipeline is deterministic);
+#   is again what it was before the damage (the pipeline is deterministic; for merge, this is the rerun
+#   check test_pipeline.test_repro_then_change_one_param counts on);
 # - an output replaced by a link to the same bytes: nothing changed for DVC, nothing runs.
 REPAIRED = {"damaged base weights", "upstream output missing", "merged model missing"}
 UP_TO_DATE = {"output folder is a link", "metrics file is a link"}

@@ -10,25 +10,23 @@ import time
 
 import pytest
 
-from helpers import copy_project, edit_params, make_project, run_stage, tiny_params, tool_env
+from helpers import copy_project, edit_params, project_with_inputs, run_stage, tiny_params, tool_env
 
-# 8 train rows, 4 rows a step: 2 steps an epoch, 6 steps (3 epochs), checkpoints after steps 3 and 6;
-# step 3 is mid-epoch, so resuming must restore the data order and RNG state, not only the weights.
+# The tiny profile's 16 train rows, 4 rows a step: 4 steps an epoch, 6 steps, checkpoints after steps 3 and 6;
+# step 3 is mid-epoch and the resumed run goes on into the second epoch, so resuming must restore the data
+# order and RNG state, not only the weights.
 RESUME_PARAMS = tiny_params(
-    subset={"train_size": 8, "eval_size": 4},
     train={"max_steps": 6, "batch_size": 2, "grad_accum": 2, "checkpoint_every_steps": 3, "eval_every_steps": 2},
 )
 TIMING_KEYS = {"runtime_s", "real_tokens_per_s", "peak_memory_mb", "resumed_from_step"}
 
 
 @pytest.fixture(scope="module")
-def tokenized(tmp_path_factory):
-    """The resume project with every stage before train done; tests train in copies of it."""
-    project = make_project(tmp_path_factory.mktemp("tokenized") / "project", RESUME_PARAMS)
-    for script, *args in (("download.py", "model"), ("download.py", "data"), ("subset.py",), ("format.py",),
-                          ("tokenize_data.py",)):
-        run_stage(project, script, *args)
-    return project
+def tokenized(ran, tmp_path_factory):
+    """The resume project with every stage before train done: only train's params differ from the tiny
+    project's, so those stages' outputs are the reproduced project's. Tests train in copies of it."""
+    return project_with_inputs(ran, tmp_path_factory.mktemp("tokenized") / "project", RESUME_PARAMS,
+                               ("models/base", "data/formatted", "data/tokenized"))
 
 
 def kill_train_after(project, step):
@@ -60,9 +58,17 @@ def uninterrupted(tokenized, tmp_path_factory):
     return project
 
 
-def test_killed_train_resumes_to_the_same_adapter(tokenized, uninterrupted, tmp_path):
-    project = copy_project(tokenized, tmp_path / "project")
+@pytest.fixture(scope="module")
+def killed(tokenized, tmp_path_factory):
+    """The resume project after its train stage was killed once the checkpoint of step 3 was complete; tests
+    go on in copies of it."""
+    project = copy_project(tokenized, tmp_path_factory.mktemp("killed") / "project")
     kill_train_after(project, 3)
+    return project
+
+
+def test_killed_train_resumes_to_the_same_adapter(killed, uninterrupted, tmp_path):
+    project = copy_project(killed, tmp_path / "project")
     checkpoints = project / "checkpoints/train"
     assert not (project / "models/adapter").exists()
     assert json.loads((checkpoints / "run.json").read_text())["status"] == "running"
@@ -90,9 +96,8 @@ def test_killed_train_resumes_to_the_same_adapter(tokenized, uninterrupted, tmp_
     print(f"resumed run: {resumed_seconds:.1f} s")
 
 
-def test_checkpoint_of_other_params_is_refused(tokenized, tmp_path):
-    project = copy_project(tokenized, tmp_path / "project")
-    kill_train_after(project, 3)
+def test_checkpoint_of_other_params_is_refused(killed, tmp_path):
+    project = copy_project(killed, tmp_path / "project")
     before = sorted(p.relative_to(project) for p in (project / "checkpoints").rglob("*"))
 
     edit_params(project, lambda params: params["train"].update(learning_rate=1e-3))
@@ -109,9 +114,8 @@ def test_checkpoint_of_other_params_is_refused(tokenized, tmp_path):
     assert "resuming from checkpoints/train/checkpoint-3" in run_stage(project, "train.py").stderr
 
 
-def test_changed_data_makes_a_checkpoint_foreign(tokenized, tmp_path):
-    project = copy_project(tokenized, tmp_path / "project")
-    kill_train_after(project, 3)
+def test_changed_data_makes_a_checkpoint_foreign(killed, tmp_path):
+    project = copy_project(killed, tmp_path / "project")
     edit_params(project, lambda params: params["tokenize"].update(train_on="all"))
     run_stage(project, "tokenize_data.py")
     result = run_stage(project, "train.py", check=False)

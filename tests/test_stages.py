@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from helpers import FAKE_HF_TOKEN, make_project, project_with_inputs, run_stage, tiny_params
+from helpers import FAKE_HF_TOKEN, make_project, project_with_inputs, reproducible_outputs, run_stage, tiny_params
 
 
 def read_json(path):
@@ -66,7 +66,9 @@ def test_train(ran):
 
 
 def test_train_is_reproducible(ran, tmp_path):
-    """Same params and seed: the same losses and the same adapter, bit for bit, on the CPU."""
+    """Same params and seed: the same losses and the same adapter, bit for bit, on the CPU; every output of the
+    stage the same (wall-clock figures aside). (The pipeline's rerun check, test_pipeline.py, counts on this one
+    for train.)"""
     from safetensors.torch import load_file
 
     again = project_with_inputs(ran, tmp_path, tiny_params())
@@ -75,6 +77,12 @@ def test_train_is_reproducible(ran, tmp_path):
     first = load_file(ran / "models/adapter/adapter_model.safetensors")
     second = load_file(again / "models/adapter/adapter_model.safetensors")
     assert first.keys() == second.keys() and all((first[k] == second[k]).all() for k in first)
+
+    def train_outputs(project):
+        return {key: value for key, value in reproducible_outputs(project).items()
+                if key.startswith(("models/adapter/", "metrics/train", "dvclive/train/", "checkpoints/train/"))}
+
+    assert len(train_outputs(ran)) > 10 and train_outputs(again) == train_outputs(ran)
 
 
 def test_merge(ran):
@@ -259,17 +267,15 @@ def test_execution_params_keep_the_arithmetic(ran, tmp_path):
 
 
 @pytest.mark.parametrize("model", ["models/merged", "models/adapter", "models/base"])
-def test_generate_with_the_trained_template(ran, model):
-    import subprocess
-    import sys
+def test_generate_with_the_trained_template(ran, model, monkeypatch, capsys):
+    """In this process (the command's own process start is test_generate_names_a_missing_model's)."""
+    from qlora_pipeline.generate import cli
 
-    result = subprocess.run(
-        [sys.executable, "-m", "qlora_pipeline.generate", "Add the two numbers.", "--input", "1 + 2", "--model", model,
-         "--max-new-tokens", "4", "--show-prompt"],
-        cwd=ran, capture_output=True, text=True,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.startswith("Below is an instruction") and "### Input:\n1 + 2\n\n### Response:\n" in result.stdout
+    monkeypatch.setattr("sys.argv", ["qlora-generate", "Add the two numbers.", "--input", "1 + 2", "--model", model,
+                                     "--project", str(ran), "--max-new-tokens", "4", "--show-prompt"])
+    cli()
+    out = capsys.readouterr().out
+    assert out.startswith("Below is an instruction") and "### Input:\n1 + 2\n\n### Response:\n" in out
 
 
 def test_generate_names_a_missing_model(ran):
