@@ -69,6 +69,7 @@ def main(params_path: str = "params.yaml", join_endpoint: str | None = None, nod
         join(params, params_path, join_endpoint, node_rank)
         return
     if "WORLD_SIZE" in os.environ:   # one of the processes torchrun started
+        distributed.exit_with_launcher()
         try:
             train_here(params)
         except PipelineError as exc:

@@ -15,6 +15,7 @@ import json
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -205,3 +206,50 @@ def test_a_run_on_two_machines_resumes_where_it_stopped(ran, two_processes, tmp_
     assert joining.communicate(timeout=120) and joining.returncode == 0
     assert json.loads((first / "metrics/train.json").read_text())["resumed_from_step"] == 2
     assert_same_training(two_processes[0], first)
+
+
+def children_of(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def running(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie waiting to be reaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the launcher's death signal is Linux's prctl")
+def test_training_processes_end_when_the_launcher_is_killed(ran, tmp_path):
+    """SIGKILL gives torchrun's agent (the stage's process) no chance to stop the processes it started: they must
+    stop by themselves, not hold the GPUs after a killed `dvc repro`."""
+    import os
+    import signal
+    import time
+
+    project = project_in(ran, tmp_path / "p", num_processes=2, max_steps=10_000, checkpoint_every_steps=0)
+    launcher = subprocess.Popen([sys.executable, "stages/train.py"], cwd=project, env=tool_env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while len(workers := children_of(launcher.pid)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert len(workers) >= 2, "torchrun started no training processes"
+    time.sleep(3)   # into their imports and the process group
+    os.kill(launcher.pid, signal.SIGKILL)
+    launcher.wait()
+    deadline = time.monotonic() + 30
+    while (alive := [pid for pid in workers if running(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in alive:
+        os.kill(pid, signal.SIGKILL)
+    assert not alive, f"training processes {alive} outlived their killed launcher"

@@ -117,7 +117,7 @@ def launch(train: TrainParams, script: str, params_path: str, node_rank: int = 0
     if _cpp_logs_quieted:
         del os.environ["TORCH_CPP_LOG_LEVEL"]
     _quiet_launcher_logs()
-    os.environ[LAUNCHED] = "1"
+    os.environ[LAUNCHED] = str(os.getpid())   # the processes' launcher (exit_with_launcher)
     try:
         run(get_args_parser().parse_args(args))
     except ChildFailedError as exc:
@@ -180,6 +180,22 @@ def start_process_group(device: str) -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("gloo" if device == "cpu" else "cuda:nccl,cpu:gloo",
                             timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+
+
+def exit_with_launcher() -> None:
+    """In a process `launch` started, first thing: be sent SIGTERM when the launcher (the train stage's own process,
+    torchrun's agent) dies, even by SIGKILL, which gives it no chance to stop its processes; otherwise they would
+    go on holding the GPUs after `dvc repro` was killed. Linux only (prctl); elsewhere nothing changes."""
+    import ctypes
+    import signal
+    import sys
+
+    launcher = os.environ.get(LAUNCHED, "")
+    if not sys.platform.startswith("linux") or not launcher.isdigit():
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)   # 1: PR_SET_PDEATHSIG, for the parent's death
+    if os.getppid() != int(launcher):   # it died before the request was made
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
