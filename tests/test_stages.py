@@ -211,14 +211,21 @@ def test_hub_sources_resolve_from_the_local_cache(tmp_path, tiny_model_dir):
 
 
 def train_variants(ran, tmp_path, variants: dict) -> dict:
-    """Train each params variant from the same base and tokenized data; return each one's metrics and step log."""
-    import csv
+    """Train each params variant from the same base and tokenized data; return each one's metrics and step log.
+    In this process, through the library function the stage calls (training.train): what is compared is what it
+    returns, which the stage writes as metrics/train.json and metrics/train_log.csv (test_train); no
+    checkpoints (the stage's own directory handling is test_resume.py's)."""
+    from qlora_pipeline.config import parse_params
+    from qlora_pipeline.training import train
 
     out = {}
     for name, overrides in variants.items():
-        project = project_with_inputs(ran, tmp_path / name, tiny_params(**overrides))
-        run_stage(project, "train.py")
-        out[name] = (read_json(project / "metrics/train.json"), list(csv.DictReader((project / "metrics/train_log.csv").open())))
+        values = tiny_params(**overrides)
+        values["train"]["checkpoint_every_steps"] = 0
+        params = parse_params(values)
+        metrics, step_rows, _ = train(ran / "models/base", ran / "data/tokenized", tmp_path / name / "adapter",
+                                      params.quantize, params.lora, params.train, params.seed)
+        out[name] = (metrics, step_rows)
     return out
 
 
