@@ -35,7 +35,7 @@ def test_embedded_model_converts_to_safetensors_and_knows_things(smollm2_dir):
 def test_embedded_model_in_4bit_with_auto_lora_targets(smollm2_dir):
     from qlora_pipeline.quantization import inspect
 
-    figures = inspect(smollm2_dir, QuantizeParams(True, "nf4", True, "auto"), LoraParams(8, 16, 0.05, "auto"), "cpu")
+    figures = inspect(smollm2_dir, QuantizeParams(True, "nf4", True, "auto"), LoraParams(8, 16, 0.05, "auto"))
     assert figures["lora_target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
     # 30 layers x r * (in + out) summed over q(576->576) k(576->192) v(576->192) o(576->576) gate/up(576->1536) down(1536->576)
     per_layer = 8 * ((576 + 576) + (576 + 192) * 2 + (576 + 576) + (576 + 1536) * 3)
