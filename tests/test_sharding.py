@@ -6,7 +6,8 @@ so a CPU run with fsdp would silently train whole copies. (torch's fully_shard i
 gloo: on the tiny Llama in 4 bit, bfloat16 storage, with a LoRA adapter, two processes gave the one-process
 gradient norm, 0.195476, to the last digit; but that is not the path the stage takes.) What is tested here is
 what decides and sets it up: the per-process memory of a sharded plan, auto's choice, the refusals, and the
-Trainer's FSDP settings."""
+Trainer's FSDP settings; test_fsdp_training.py runs accelerate's sharding of the stage's model on two CPU
+processes with the Trainer's passes."""
 
 from __future__ import annotations
 

@@ -364,6 +364,7 @@ def fit(model, tokenizer, train_set, eval_set, params, run, optimizer: str, comp
         # FSDP casts no parameter (the packed 4-bit weights stay as stored; autocast computes in the compute
         # dtype, as without FSDP) and reduces gradients in float32, as DDP does.
         sft_trainer.accelerator.state.fsdp_plugin.mixed_precision_policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
+        gather_head_for_fused_loss(model)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     if resume_from is not None:
@@ -378,6 +379,39 @@ def fit(model, tokenizer, train_set, eval_set, params, run, optimizer: str, comp
     # Every process takes part in gathering the shards; the first gets the whole weights.
     gathered = sft_trainer.accelerator.get_state_dict(sft_trainer.model) if run.sharding == "fsdp" else None
     return sft_trainer.state, run_log, sft_trainer.graphed, gathered
+
+
+def gather_head_for_fused_loss(model) -> None:
+    """With FSDP, gather the LM head's weights for trl's fused head once the backbone has run, as the head's own
+    forward would. Call on the peft model before the Trainer shards it (fully_shard keeps the module objects).
+
+    Why: accelerate's fsdp2_prepare_model makes the output embeddings an FSDP unit of their own (its "tail"; on a
+    peft model it finds no final norm to join them), and FSDP gathers a unit only in that unit's forward. trl's fused
+    head reads lm_head.weight without calling lm_head, so the unit is never gathered; in a pass without gradient
+    sync (accelerator.no_sync: every pass of a step but its last) the post-backward that the root runs for every
+    unit then reads the gathered copy of each of the unit's parameters, which was never made: "AttributeError:
+    'FSDPParam' object has no attribute '_unsharded_param'" (FSDPParam.to_accumulated_grad_if_needed, torch 2.11 and
+    2.13, with the float32 reduce_dtype fit sets; the pass that reduces skips parameters never gathered). Gathered
+    through FSDP's own unshard, the head is resharded by FSDP after the backward; it is held from the end of the
+    backbone's forward to then, as the copy trl would otherwise gather itself. A forward without gradients (held-out
+    passes) has no backward, so there it is resharded right after the forward."""
+    import torch
+    from torch.distributed.fsdp import FSDPModule
+
+    causal_lm = model.get_base_model()
+    head = causal_lm.get_output_embeddings()
+
+    def gather(*_):
+        if isinstance(head, FSDPModule):   # sharded once the Trainer has prepared the model
+            head.unshard()
+
+    def release(*_):
+        if isinstance(head, FSDPModule) and not torch.is_grad_enabled():
+            head.reshard()
+
+    # trl's fused forward runs `base_model` (the backbone), then reads the head's weight.
+    causal_lm.base_model.register_forward_hook(gather)
+    model.register_forward_hook(release)
 
 
 def _fsdp_options(model, run) -> dict[str, Any]:
