@@ -92,3 +92,21 @@ def test_swiglu_recomputes_silu_for_the_same_gradients():
     torch.testing.assert_close(got, want)
     for got_grad, want_grad in zip(torch.autograd.grad(got, (gate, up), grad), torch.autograd.grad(want, (gate, up), grad)):
         torch.testing.assert_close(got_grad, want_grad)
+
+
+def test_an_evaluation_pass_leaves_the_4bit_layers_trainable(model_dir):
+    """bitsandbytes repacks CPU 4-bit weights for inference on an eval-mode call without gradients, and the
+    repacked kernel has no backward: the gradients of a training pass after an evaluation must stay the same."""
+    from qlora_pipeline.speedups import keep_4bit_layers_trainable
+
+    input_ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+    model = lora_model(model_dir)
+    assert keep_4bit_layers_trainable(model) == (14 if model.config.model_type == "llama" else 8)
+    _, want = loss_and_grads(model, input_ids)
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=input_ids)
+    model.train()
+    _, got = loss_and_grads(model, input_ids)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)

@@ -154,6 +154,8 @@ def prepare_model(model_dir, quantize: QuantizeParams, lora: LoraParams, params:
     model = load_model(model_dir, quantize, placement, compute_dtype, quant_storage=storage)
     if params.fused_activation:
         speedups.fuse_activations(model)
+    if quantize.load_in_4bit:
+        speedups.keep_4bit_layers_trainable(model)
     dequantized_mb = speedups.cache_dequantized_weights(model, compute_dtype, run.dequantized_cache_mb) if quantize.load_in_4bit else 0.0
     if quantize.load_in_4bit and params.upcast_non_quantized:
         # The usual QLoRA preparation: embeddings, norms and biases in float32 for numerical stability.
