@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# One CPU thread for torch, in this process and in every stage and tool the tests start (they inherit the
+# environment; set before anything imports torch). The tiny models' operations are too small to gain from more:
+# the threads spin waiting for each other, worst on a machine shared with other work (the tiny project's
+# evaluate stage on the 2-core CI machine under load: 7.5-10.8 s with one thread, 14-19 s with two). The tiny
+# project's train, merge and evaluate outputs are the same bytes either way. torchrun does the same for the
+# processes it starts.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # The plain helpers live in helpers.py; these names stay importable from conftest for the tests that still
 # import them from here.
