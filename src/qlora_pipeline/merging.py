@@ -5,9 +5,10 @@
   (bitsandbytes' dequantize_4bit of the layer quantized as the train stage quantizes it: quant_type,
   double_quant, from the weights in the compute dtype); every other parameter is taken as the train
   stage loads it. The merged model computes what was trained, up to the final cast to `merge.dtype`.
-- original: the original full-precision weights, as the QLoRA tutorials merge. The adapter learned to
-  correct the quantized weights, not these: the merged model differs from the trained one by the
-  quantization error of every 4-bit layer, which no training step ever saw.
+- original: the original full-precision weights, as the QLoRA tutorials merge: models/base in the dtype the
+  source stored them in (a hub or local checkpoint is copied as it is, often bfloat16), read into float32
+  exactly. The adapter learned to correct the quantized weights, not these: the merged model differs from
+  the trained one by the quantization error of every 4-bit layer, which no training step ever saw.
 Without 4-bit quantization the two differ only where training loaded the base in a narrower compute
 dtype (bfloat16 on a GPU).
 

@@ -190,18 +190,126 @@ def _hub_snapshot(name: str, revision: str, repo_type: str, patterns: list[str] 
     return path, path.name
 
 
-def _load_dir(path: Path, params: ModelParams):
+def _load_dir(path: Path):
+    """A model directory whose weights are pickle files (allowed by model.allow_pickle): loaded, to be saved as
+    safetensors."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    pickled = _check_weights_dir(path, params.allow_pickle)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=not pickled)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    return model, tokenizer
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=False)
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+# The names safetensors gives dtypes in a file's header, as torch names them (models/base/source.json's `dtype`).
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def _checkpoint_files(path: Path) -> list[str]:
+    """The safetensors files transformers loads from `path` (model.safetensors, or the files its index names, the
+    index first), each checked to be a complete file; a name that is not a plain file name is refused (the
+    index is the source's: it must not make the copy read or write outside the two directories)."""
+    from safetensors import SafetensorError, safe_open
+
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            raise PipelineError(f"{index}: not a safetensors index (a JSON object with a weight_map)") from None
+        strange = [name for name in files
+                   if not isinstance(name, str) or Path(name).name != name or not name.endswith(".safetensors")]
+        if strange:
+            raise PipelineError(f"{index}: weight_map names {strange[0]!r}, not a .safetensors file beside the index")
+        missing = [name for name in files if not (path / name).is_file()]
+        if missing:
+            raise PipelineError(f"{index}: weight_map names {missing[0]}, which is not in {path}")
+        names = [index.name, *files]
+    elif (path / "model.safetensors").is_file():
+        files = names = ["model.safetensors"]
+    else:
+        found = ", ".join(sorted(p.name for p in path.glob("*.safetensors")))
+        raise PipelineError(f"model directory {path}: no model.safetensors or model.safetensors.index.json "
+                            f"(transformers loads no other safetensors file: {found})")
+    for name in files:
+        try:
+            # Reading the header checks that the file holds every byte the header promises (no tensor is read).
+            with safe_open(path / name, framework="numpy"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            raise PipelineError(f"{path / name}: not a complete safetensors file ({exc})") from None
+    return names
+
+
+def _tensor_figures(files: list[Path]) -> tuple[int, str]:
+    """The elements of all the tensors in safetensors `files`, and their dtypes (torch names, comma-joined)."""
+    import math
+
+    from safetensors import safe_open
+
+    elements, dtypes = 0, set()
+    for file in files:
+        with safe_open(file, framework="numpy") as weights:
+            for key in weights.keys():
+                tensor = weights.get_slice(key)
+                elements += math.prod(tensor.get_shape())
+                dtypes.add(_SAFETENSORS_DTYPES.get(tensor.get_dtype(), tensor.get_dtype().lower()))
+    return elements, ",".join(sorted(dtypes))
+
+
+def _copy_checkpoint(path: Path, out_dir: Path, name: str) -> dict[str, Any]:
+    """Copy a safetensors checkpoint of a causal LM that transformers implements into `out_dir`, its weight files
+    as they are (no weight is loaded, converted or saved again: a bfloat16 source stays bfloat16, and an 8 B model
+    takes a file copy, not a load and a float32 save of twice its size). Its config is loaded by transformers'
+    own classes (no code from the model directory runs), and saved with the pad token; the tokenizer is checked
+    and saved as a loaded model's would be. Returns the record's architecture, parameters (the elements of the
+    checkpoint's tensors: those of a buffer a checkpoint stores, as old GPT-2 conversions do, count too) and dtype."""
+    import shutil
+
+    from transformers import AutoConfig, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except (ValueError, KeyError, OSError) as exc:  # an unknown model_type, code it would have to run, bad JSON
+        reason = str(exc).strip().splitlines()[0]
+        raise PipelineError(f"params key 'model.name': model directory {path}: config.json: {reason}") from None
+    architecture = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)
+    if architecture is None:
+        raise PipelineError(f"params key 'model.name': model directory {path}: transformers has no causal language model "
+                            f"for model_type {config.model_type!r}")
+    quantized = getattr(config, "quantization_config", None)
+    if quantized:
+        method = quantized.get("quant_method") if isinstance(quantized, dict) else getattr(quantized, "quant_method", None)
+        raise PipelineError(f"params key 'model.name': model directory {path}: its weights are already quantized "
+                            f"(config.json quantization_config: {method}); the pipeline quantizes full-precision weights itself")
+    names = _checkpoint_files(path)
+    tokenizer = _checked_tokenizer(AutoTokenizer.from_pretrained(path), name)
+    parameters, dtype = _tensor_figures([path / file for file in names if file.endswith(".safetensors")])
+    for file in names + (["generation_config.json"] if (path / "generation_config.json").is_file() else []):
+        shutil.copyfile(path / file, out_dir / file)  # a hub snapshot's files are links into its cache: their content
+    config.pad_token_id = tokenizer.pad_token_id
+    config.architectures = [architecture]  # the class the stages load it as (AutoModelForCausalLM)
+    config.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return {"parameters": parameters, "architecture": architecture, "dtype": dtype}
+
+
+def _checked_tokenizer(tokenizer, name: str):
+    """The model's tokenizer, refused if it is not a fast one, with a pad token (EOS where it has none)."""
+    if not tokenizer.is_fast:
+        # The tokenize stage reads tokenizer.json with the tokenizers library alone (tokenization.py).
+        raise PipelineError(f"params key 'model.name': {name!r} has only a Python tokenizer "
+                            f"({type(tokenizer).__name__}); the pipeline needs a fast one (tokenizer.json)")
+    if tokenizer.pad_token is None:
+        # Padding positions are masked out of attention and loss, so any id serves; EOS stays a real
+        # label at the end of every answer, never replaced by padding.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def fetch_model(params: ModelParams, seed: int, out_dir: Path) -> dict[str, Any]:
-    """Resolve the model source and save it to `out_dir` as safetensors + tokenizer; return its record."""
+    """Resolve the model source and save it to `out_dir` as safetensors + tokenizer; return its record. A hub or
+    local checkpoint in safetensors is copied as it is; the other sources' weights are built, then saved."""
     record: dict[str, Any] = {"source": params.source, "name": params.name}
     if params.source == "embedded":
         model, tokenizer = _load_embedded(params.name)
@@ -209,24 +317,19 @@ def fetch_model(params: ModelParams, seed: int, out_dir: Path) -> dict[str, Any]
     elif params.source == "random":
         model, tokenizer = _load_random(params.name, seed)
         record["seed"] = seed
-    elif params.source == "local":
-        path = Path(params.name)
-        if not path.is_dir():
-            raise PipelineError(f"params key 'model.name': local model directory {path} does not exist")
-        model, tokenizer = _load_dir(path, params)
     else:
-        patterns = _WEIGHT_PATTERNS + (_PICKLE_PATTERNS if params.allow_pickle else [])
-        path, commit = _hub_snapshot(params.name, params.revision, "model", patterns)
-        record.update(revision=params.revision, resolved_commit=commit)
-        model, tokenizer = _load_dir(path, params)
-    if not tokenizer.is_fast:
-        # The tokenize stage reads tokenizer.json with the tokenizers library alone (tokenization.py).
-        raise PipelineError(f"params key 'model.name': {params.name!r} has only a Python tokenizer "
-                            f"({type(tokenizer).__name__}); the pipeline needs a fast one (tokenizer.json)")
-    if tokenizer.pad_token is None:
-        # Padding positions are masked out of attention and loss, so any id serves; EOS stays a real
-        # label at the end of every answer, never replaced by padding.
-        tokenizer.pad_token = tokenizer.eos_token
+        if params.source == "local":
+            path = Path(params.name)
+            if not path.is_dir():
+                raise PipelineError(f"params key 'model.name': local model directory {path} does not exist")
+        else:
+            patterns = _WEIGHT_PATTERNS + (_PICKLE_PATTERNS if params.allow_pickle else [])
+            path, commit = _hub_snapshot(params.name, params.revision, "model", patterns)
+            record.update(revision=params.revision, resolved_commit=commit)
+        if not _check_weights_dir(path, params.allow_pickle):
+            return {**record, **_copy_checkpoint(path, out_dir, params.name)}
+        model, tokenizer = _load_dir(path)
+    tokenizer = _checked_tokenizer(tokenizer, params.name)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
