@@ -5,8 +5,7 @@ matmul, cast back, clone, dropout, two small matmuls, scale, add), and autograd 
 the layer's input once per projection in float32 (the upcast residual stream), its dropout output and mask, a
 bfloat16 copy of it for the LoRA matmul. In Llama's MLP, SiLU and the product keep three float32 copies of the
 intermediate activations. On an 8 B model that is 365 KB a token a layer (217 KB fused; bench/step_profile.py),
-which forces activation
-checkpointing (and, with it, eager execution) on a 24 GB card.
+which forces activation checkpointing (and, with it, eager execution) on a 24 GB card.
 
 What stays the same: each function computes what peft's and transformers' modules compute, with the same
 dropout (an independent mask per layer, scaled by 1 / (1 - p)), within one rounding of the compute dtype (the
