@@ -137,21 +137,24 @@ def uses_fused_layers(params: TrainParams, quantize, sharding: str, device: str)
     return wanted and quantize.load_in_4bit and sharding != "fsdp"
 
 
-def cpu_execution(params: TrainParams, rows: int, packing: bool, layers: int) -> Execution:
+def cpu_execution(params: TrainParams, rows: int, packing: bool, layers: int, fused_layers: bool) -> Execution:
     """On the CPU: the rows as params set them (auto: all of a step's in one pass), no graphs."""
     rows_per_pass = rows if params.micro_batch_size == "auto" else min(params.micro_batch_size, rows)
     checkpointed = layers if params.gradient_checkpointing is True else 0
     cache = 2**20 if params.dequantized_cache_mb == "auto" else params.dequantized_cache_mb
     return Execution(rows, rows_per_pass, float("inf"), packing, False, checkpointed, cache,
-                     resolve_pad_multiple(params, False), "the CPU: rows a pass and checkpointing as params set them")
+                     resolve_pad_multiple(params, False), "the CPU: rows a pass and checkpointing as params set them",
+                     fused_layers=fused_layers)
 
 
-def gpu_execution(params: TrainParams, plan, rows: int, packing: bool, budget: float, sharding: str = "none") -> Execution:
+def gpu_execution(params: TrainParams, plan, rows: int, packing: bool, budget: float, fused_layers: bool,
+                  sharding: str = "none") -> Execution:
     reason = f"fastest plan within {budget / 2**30:.1f} GiB: {plan.describe()}"
     if sharding == "fsdp":
         reason += ", FSDP (weights, LoRA gradients and optimizer states sharded over the processes)"
     return Execution(rows, plan.rows_per_pass, plan.tokens_per_pass, packing, plan.cuda_graphs, plan.checkpointed_layers,
-                     plan.dequantized_cache_mb, resolve_pad_multiple(params, plan.cuda_graphs, packing), reason, plan, sharding)
+                     plan.dequantized_cache_mb, resolve_pad_multiple(params, plan.cuda_graphs, packing), reason, plan, sharding,
+                     fused_layers)
 
 
 def refuse_sharding(params: TrainParams, device: str, num_processes: int) -> None:

@@ -144,12 +144,9 @@ def base_weight(layer, dtype):
     where it has one, else dequantized now (what bitsandbytes' matmul does on every call)."""
     import bitsandbytes.functional as bnbf
 
+    # The layout dequantize_4bit reads: the train stage turns off bitsandbytes' CPU inference repack
+    # (speedups.keep_4bit_layers_trainable) before any forward.
     cached = layer._buffers.get("dequantized_weight")
-    if cached is None and getattr(layer.weight.quant_state, "packing_format_for_cpu", False):
-        # An eval-mode call without gradients repacks a CPU layer's 4-bit weight in place for bitsandbytes' CPU
-        # kernel; dequantize_4bit reads the standard layout, which bitsandbytes restores the same way on .cuda().
-        layer.weight.data, layer.weight.quant_state = bnbf._convert_weight_packed_for_cpu_inverse(
-            layer.weight.data, layer.weight.quant_state)
     weight = cached if cached is not None else bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
     return weight.to(dtype)
 

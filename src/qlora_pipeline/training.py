@@ -16,7 +16,6 @@ import gc
 import math
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -200,8 +199,8 @@ def plan_execution(model_dir, lora, quantize, params: TrainParams, device: str, 
     size = memory_plan.model_size(model, lora)
     execution.refuse_sharding(params, device, num_processes)
     if device != "cuda":
-        run = execution.cpu_execution(params, rows, packing, size.layers)
-        return replace(run, fused_layers=execution.uses_fused_layers(params, quantize, "none", device))
+        return execution.cpu_execution(params, rows, packing, size.layers,
+                                       execution.uses_fused_layers(params, quantize, "none", device))
     blockers = execution.graph_blockers(params, device, num_processes, compute_dtype, model, packing)
     if params.cuda_graphs is True and blockers:
         raise PipelineError(f"params key 'train.cuda_graphs' is true but {blockers[0]}")
@@ -217,8 +216,8 @@ def plan_execution(model_dir, lora, quantize, params: TrainParams, device: str, 
                                      graphs_allowed=not blockers, shards=shards, layer_bytes=layer_bytes)
 
     sharding, plan = execution.resolve_sharding(params, num_processes, plan_for)
-    run = execution.gpu_execution(params, plan, rows, packing, budget, sharding)
-    return replace(run, fused_layers=execution.uses_fused_layers(params, quantize, sharding, device))
+    return execution.gpu_execution(params, plan, rows, packing, budget,
+                                   execution.uses_fused_layers(params, quantize, sharding, device), sharding)
 
 
 def _smaller_execution(run: execution.Execution, exc: BaseException, params: TrainParams, model_dir, lora,
@@ -235,8 +234,8 @@ def _smaller_execution(run: execution.Execution, exc: BaseException, params: Tra
             f"train: out of GPU memory at step {step} with {run.reason}; lower params key 'train.max_memory' "
             "(or set train.micro_batch_size / train.gradient_checkpointing by hand)"
         ) from exc
-    smaller_run = execution.gpu_execution(params, smaller, run.rows_per_step, run.packing, run.plan.peak_mb * memory_plan.MIB)
-    return replace(smaller_run, fused_layers=run.fused_layers)
+    return execution.gpu_execution(params, smaller, run.rows_per_step, run.packing, run.plan.peak_mb * memory_plan.MIB,
+                                   run.fused_layers)
 
 
 def _metrics(result, run: execution.Execution, seconds: float, dequantized_mb: float, optimizer: str, device: str,
