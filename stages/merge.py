@@ -27,7 +27,8 @@ def main() -> None:
         outputs.write_json(out / "merge_params.json", as_dict(params.merge))
         # Last in the block: a failure before it leaves the old model and metrics both.
         outputs.write_json(paths.METRICS / "merge.json", metrics)
-    print(f"merge: {paths.MERGED} ({metrics['base']} base, {metrics['dtype']}, on {metrics['device']}), max |logit diff| "
+    print(f"merge: {paths.MERGED} ({metrics['base']} base, {metrics['dtype']}, on {metrics['device']}"
+          f"{'' if metrics['full_precision_device'] == metrics['device'] else ', float32 copies on the CPU'}), max |logit diff| "
           f"vs trained {metrics['max_abs_logit_diff_vs_trained']}, vs unmerged {metrics['max_abs_logit_diff_vs_unmerged']}")
 
 

@@ -56,3 +56,17 @@ def merge_with(base: str, dtype: str, model_dir, adapter, out):
     from qlora_pipeline.merging import merge
 
     return merge(model_dir, adapter / "adapter", adapter / "eval.jsonl", out, MergeParams(base, dtype, 2), QUANTIZE, "cpu")
+
+
+def test_float32_copies_leave_a_gpu_they_do_not_fit(tiny_model_dir, monkeypatch):
+    """The merge keeps its float32 models on the GPU only where ~5 bytes a parameter (+ 1 GiB) are free
+    there (an 8 B model's ~37 GB are not on a 24 GB card), else on the CPU; on the CPU they stay there."""
+    from qlora_pipeline import merging, quantization
+
+    parameters = quantization.shapes_only_model(tiny_model_dir).num_parameters()
+    needed = 5 * parameters + 2**30
+    assert merging.full_precision_device(tiny_model_dir, "cpu") == "cpu"
+    monkeypatch.setattr(quantization, "memory_budget", lambda max_memory: needed)
+    assert merging.full_precision_device(tiny_model_dir, "cuda") == "cuda"
+    monkeypatch.setattr(quantization, "memory_budget", lambda max_memory: needed - 1)
+    assert merging.full_precision_device(tiny_model_dir, "cuda") == "cpu"

@@ -44,12 +44,14 @@ def answer_loss(model, tokenized, pad_token_id: int, batch_size: int, device: st
                 ids[i, : len(row_ids)] = torch.tensor(row_ids)
                 labels[i, : len(row_labels)] = torch.tensor(row_labels)
                 mask[i, : len(row_ids)] = 1
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
             shifted = labels[:, 1:].to(device)
-            total += F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.size(-1)), shifted.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-            ).item()
-            count += int((shifted != IGNORE_INDEX).sum())
+            answer = shifted != IGNORE_INDEX
+            # Only the answer positions' logits in float32: a whole batch's would be 3.2 GB for 16 rows of 1,024
+            # tokens over a 49k vocabulary, beside an 8 B model's 15 GB on a 24 GB card.
+            total += F.cross_entropy(logits[:, :-1][answer].float(), shifted[answer], reduction="sum").item()
+            count += int(answer.sum())
+            del logits
     loss = total / max(count, 1)
     return {"loss": round(loss, 6), "perplexity": round(math.exp(min(loss, 50)), 4), "answer_tokens": count}
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 from qlora_pipeline.config import LoraParams, QuantizeParams, TrainParams
 from qlora_pipeline.errors import PipelineError
 # The model on the meta device (its shapes) is built where loading is: the planner's callers take it from here.
-from qlora_pipeline.quantization import shapes_only_model  # noqa: F401
+from qlora_pipeline.quantization import memory_budget, shapes_only_model  # noqa: F401
 
 GIB = 2**30
 MIB = 2**20
@@ -184,20 +184,6 @@ def mean_passes(row_lengths: list[int], rows_per_step: int, max_tokens: float, m
     random.Random(seed).shuffle(order)
     steps = [order[i:i + rows_per_step] for i in range(0, len(order), rows_per_step)]
     return sum(len(split_into_passes(step, max_tokens, max_rows, packing)) for step in steps) / max(len(steps), 1)
-
-
-def memory_budget(max_memory: float | str, device_index: int = 0) -> float:
-    """Bytes this process may use on its GPU: `train.max_memory` GiB, or (auto) what is free, capped by the
-    process's memory fraction (torch.cuda.set_per_process_memory_fraction) where one is set."""
-    import torch
-
-    free, total = torch.cuda.mem_get_info(device_index)
-    get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
-    fraction = get_fraction(device_index) if get_fraction else 1.0
-    allowed = min(free, total * fraction)
-    if max_memory == "auto":
-        return allowed
-    return min(float(max_memory) * GIB, allowed) if max_memory else allowed
 
 
 def plan_step(size: ModelSize, params: TrainParams, quantize: QuantizeParams, rows_per_process: int,

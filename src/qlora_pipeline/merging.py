@@ -12,8 +12,8 @@
 Without 4-bit quantization the two differ only where training loaded the base in a narrower compute
 dtype (bfloat16 on a GPU).
 
-The merge is computed in float32 (W + scale * B @ A), on the GPU if there is one, and only then cast
-to `merge.dtype`. Two figures say how faithful the saved model is:
+The merge is computed in float32 (W + scale * B @ A), on the GPU if there is one and its free memory holds
+the float32 models (else those on the CPU: full_precision_device), and only then cast to `merge.dtype`. Two figures say how faithful the saved model is:
 - vs. trained: against the model that was trained (the 4-bit base with the adapter applied on the fly,
   computing as the train stage computed);
 - vs. unmerged: against the chosen base in float32 with the adapter applied on the fly: the cost of the
@@ -96,15 +96,30 @@ def fold_trained_weights(as_trained, full) -> int:
 
 
 def _logits(model, batches) -> list:
-    """Float32 logits of each batch, kept on the CPU (a second model may need the device's memory)."""
+    """Float32 logits of each batch (moved to the model's device), kept on the CPU (a second model may need the
+    device's memory)."""
     import torch
 
+    device = next(model.parameters()).device
     with torch.no_grad():
-        return [model(**batch).logits.float().cpu() for batch in batches]
+        return [model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu() for batch in batches]
 
 
 def _max_abs_diff(a: list, b: list) -> float:
     return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+
+def full_precision_device(model_dir: Path, device: str) -> str:
+    """Where the merge keeps its float32 models: `device`, unless they do not fit in the memory free there, then
+    the CPU. The merge holds the float32 base (4 bytes a parameter) beside the 4-bit one (at most ~1 more: 4-bit
+    linear weights, float32 embeddings); an 8 B model needs ~37 GB in float32, more than a 24 GB card, whose
+    4-bit copy (~6 GB) still runs on it. Only the float32 copies move: the merged weights are the same."""
+    if not device.startswith("cuda"):
+        return device
+    from qlora_pipeline.quantization import memory_budget, shapes_only_model
+
+    needed = 5 * shapes_only_model(model_dir).num_parameters() + 2**30  # + logits of the compared prompts
+    return device if needed <= memory_budget("auto") else "cpu"
 
 
 def free_memory(device: str) -> None:
@@ -138,9 +153,11 @@ def merge(model_dir: Path, adapter_dir: Path, formatted_eval: Path, out_dir: Pat
 
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
     rows = read_jsonl(formatted_eval)[: params.compare_prompts]
-    batches = [tokenizer(row["prompt"] + row["completion"], return_tensors="pt").to(device) for row in rows]
+    batches = [tokenizer(row["prompt"] + row["completion"], return_tensors="pt") for row in rows]
 
-    full = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True, device_map={"": device})
+    full_device = full_precision_device(model_dir, device)
+    full = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True,
+                                                device_map={"": full_device})
     as_trained = load_base_as_trained(model_dir, quantize, device, torch.float32)
     dequantized = fold_trained_weights(as_trained, full) if params.base == "dequantized" else 0
     trained = PeftModel.from_pretrained(as_trained, adapter_dir).eval()
@@ -158,17 +175,19 @@ def merge(model_dir: Path, adapter_dir: Path, formatted_eval: Path, out_dir: Pat
     merged.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     del merged, unmerged, full
-    free_memory(device)
+    free_memory(full_device)
 
     # The model as saved, as the evaluate stage and users load it.
-    reloaded = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32, use_safetensors=True, device_map={"": device})
+    reloaded = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32, use_safetensors=True,
+                                                    device_map={"": full_device})
     merged_logits = _logits(reloaded, batches)
     del reloaded
-    free_memory(device)
+    free_memory(full_device)
     return {
         "base": params.base,
         "dtype": params.dtype,
         "device": device,
+        "full_precision_device": full_device,
         "dequantized_weights": dequantized,
         "compare_prompts": len(batches),
         "max_abs_logit_diff_vs_trained": round(_max_abs_diff(merged_logits, trained_logits), 6),

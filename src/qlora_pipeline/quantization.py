@@ -42,6 +42,20 @@ def resolve_compute_dtype(quantize: QuantizeParams, device: str):
     return torch.float32
 
 
+def memory_budget(max_memory: float | str, device_index: int = 0) -> float:
+    """Bytes this process may use on its GPU: `train.max_memory` GiB, or (auto) what is free, capped by the
+    process's memory fraction (torch.cuda.set_per_process_memory_fraction) where one is set."""
+    import torch
+
+    free, total = torch.cuda.mem_get_info(device_index)
+    get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    fraction = get_fraction(device_index) if get_fraction else 1.0
+    allowed = min(free, total * fraction)
+    if max_memory == "auto":
+        return allowed
+    return min(float(max_memory) * 2**30, allowed) if max_memory else allowed
+
+
 def bnb_config(quantize: QuantizeParams, compute_dtype, quant_storage=None):
     """quant_storage: the dtype the packed 4-bit weights are stored as (None: bitsandbytes' uint8)."""
     from transformers import BitsAndBytesConfig
