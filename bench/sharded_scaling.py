@@ -52,11 +52,13 @@ def runs(gpu_counts: list[int], cap: float, capped_only: bool = False) -> list[t
     return planned
 
 
-def train_once(project: Path, params: dict, sharding: str, gpus: int, cap: float | None, warmup: int) -> dict:
+def train_once(project: Path, params: dict, sharding: str, gpus: int, cap: float | None, warmup: int,
+               fused_layers: str = "auto") -> dict:
     from qlora_pipeline.config import deep_update
 
+    fused = {"auto": "auto", "true": True, "false": False}[fused_layers]
     write_params(project, deep_update(params, {"train": {
-        "num_processes": gpus, "sharding": sharding, "max_memory": cap or "auto"}}))
+        "num_processes": gpus, "sharding": sharding, "max_memory": cap or "auto", "fused_layers": fused}}))
     for stale in ("metrics/train.json", "metrics/train_log.csv"):
         (project / stale).unlink(missing_ok=True)
     child = subprocess.run([sys.executable, "stages/train.py"], cwd=project, capture_output=True, text=True)
@@ -74,7 +76,7 @@ def train_once(project: Path, params: dict, sharding: str, gpus: int, cap: float
         peak_allocated_mb=metrics["peak_memory_mb"], peak_reserved_mb=metrics["peak_reserved_mb"],
         peak_memory_kind=metrics["peak_memory_kind"], under_cap=(metrics["peak_memory_mb"] < cap * 1024) if cap else None,
         resolved_sharding=metrics["sharding"], execution=metrics["execution"], train_loss=metrics["train_loss"],
-        estimated_peak_mb=metrics["estimated_peak_mb"], steps=metrics["steps"],
+        estimated_peak_mb=metrics["estimated_peak_mb"], steps=metrics["steps"], fused_layers=metrics["fused_layers"],
     )
     return result
 
@@ -108,7 +110,7 @@ def main(args: argparse.Namespace) -> None:
     partial = out / "sharded_scaling-partial.jsonl"
     results = []
     for sharding, gpus, cap in runs(gpu_counts, args.memory_cap_gib, args.capped_only):
-        result = train_once(project, params, sharding, gpus, cap, args.warmup)
+        result = train_once(project, params, sharding, gpus, cap, args.warmup, args.fused_layers)
         results.append(result)
         with partial.open("a") as fh:
             fh.write(json.dumps({"shape": args.shape, **result}) + "\n")
@@ -149,6 +151,8 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--capped-only", action="store_true", help="only the capped runs (DDP refused, fsdp trains)")
     parser.add_argument("--warmup", type=int, default=3, help="steps left out of the tokens/s")
+    parser.add_argument("--fused-layers", choices=["auto", "true", "false"], default="auto",
+                        help="train.fused_layers for every run (auto leaves them off under fsdp; true asks for them)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--work", default="/tmp/qlora-sharded")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))

@@ -31,8 +31,9 @@ def trained_tokens(rows) -> int:
     return sum(sum(label != -100 for label in row["labels"][1:]) for row in rows)
 
 
-def lora_model(model_dir, sharding: str):
-    """The peft model as the train stage prepares it for `sharding` (every layer checkpointed), with trl's fused head
+def lora_model(model_dir, sharding: str, fused: bool = False):
+    """The peft model as the train stage prepares it for `sharding` (every layer checkpointed; `fused`: with
+    fused_layers.py's LoRA and SwiGLU functions, as train.fused_layers: true gives them), with trl's fused head
     as SFTTrainer adds it, LoRA weights in float32 as trainer.fit keeps them, and LoRA B drawn (it starts at zero,
     which would leave LoRA A without gradient)."""
     from trl.trainer.utils import add_fused_lm_head
@@ -43,7 +44,7 @@ def lora_model(model_dir, sharding: str):
     from qlora_pipeline.training import prepare_model
 
     params = parse_params(tiny_params(model={"source": "random", "name": "tiny-llama"}))
-    run = Execution(ROWS // WORLD, ROWS_PER_PASS, float("inf"), False, False, 2, 0.0, 1, "test", None, sharding)
+    run = Execution(ROWS // WORLD, ROWS_PER_PASS, float("inf"), False, False, 2, 0.0, 1, "test", None, sharding, fused)
     torch.manual_seed(0)
     model, _, _ = prepare_model(model_dir, params.quantize, LoraParams(4, 8.0, 0.0, "auto"), params.train, run, "cpu", 0,
                                 torch.float32)
@@ -74,7 +75,7 @@ def step(model, rows, step_tokens: int, processes: int, before_last_pass=lambda:
     return total
 
 
-def sharded_step(rank: int, port: int, model_dir, out) -> None:
+def sharded_step(rank: int, port: int, model_dir, out, fused: bool) -> None:
     import torch.distributed as dist
     from accelerate import Accelerator, FullyShardedDataParallelPlugin
     from accelerate.utils.fsdp_utils import fsdp2_prepare_model
@@ -85,7 +86,7 @@ def sharded_step(rank: int, port: int, model_dir, out) -> None:
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
-        model, run = lora_model(model_dir, "fsdp")
+        model, run = lora_model(model_dir, "fsdp", fused)
         config = SFTConfig(output_dir=str(out / f"trainer-{rank}"), use_cpu=True, report_to="none", **_fsdp_options(model, run))
         plugin = FullyShardedDataParallelPlugin(**config.fsdp_plugin_args)
         plugin.mixed_precision_policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)   # as trainer.fit sets it
@@ -123,15 +124,20 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.mark.slow   # about 30 s on the 2-core CPU: each process imports torch, transformers, peft and trl
-def test_fsdp_gives_the_one_process_loss_and_lora_gradients(model_dir, tmp_path):
+@pytest.mark.slow   # about 30 s each on the 2-core CPU: each process imports torch, transformers, peft and trl
+@pytest.mark.parametrize("fused", [False, True], ids=["peft-modules", "fused-layers"])
+def test_fsdp_gives_the_one_process_loss_and_lora_gradients(model_dir, tmp_path, fused):
+    """fused: the fused functions read the gathered 4-bit weight, whose quantization state FSDP's plain tensor
+    does not carry (fused_layers.base_weight takes the layer's)."""
     import torch.multiprocessing as mp
 
-    model, _ = lora_model(model_dir, "none")
+    model, run = lora_model(model_dir, "none", fused)
+    assert sum(m.forward.__func__.__module__.endswith("fused_layers") for m in model.modules()
+               if hasattr(m.forward, "__func__")) == (14 + 2 if fused else 0)   # 7 LoRA layers and an MLP a layer
     loss = step(model, training_rows(), trained_tokens(training_rows()), 1)
     grads = {name: param.grad for name, param in model.named_parameters() if param.requires_grad}
     # Spawned, not forked: forked from this process (its threads), they hung.
-    mp.spawn(sharded_step, args=(free_port(), model_dir, tmp_path), nprocs=WORLD)
+    mp.spawn(sharded_step, args=(free_port(), model_dir, tmp_path, fused), nprocs=WORLD)
     sharded = torch.load(tmp_path / "sharded.pt")
     assert sharded["loss"] == pytest.approx(loss, rel=1e-5)
     assert sharded["grads"].keys() == grads.keys() and len(grads) == 28

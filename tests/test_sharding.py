@@ -15,7 +15,7 @@ import pytest
 
 from qlora_pipeline.config import parse_params
 from qlora_pipeline.errors import PipelineError
-from qlora_pipeline.execution import Execution, refuse_sharding, resolve_sharding
+from qlora_pipeline.execution import Execution, refuse_sharding, resolve_sharding, uses_fused_layers
 from qlora_pipeline.memory_plan import (GIB, lora_bytes, longest_pass_tokens, plan_step, sharded_bytes,
                                         shapes_only_model, weights_bytes)
 
@@ -113,3 +113,12 @@ def test_the_trainer_gets_fsdp2_over_the_decoder_layers(tmp_path):
         "cpu_ram_efficient_loading": False, "state_dict_type": "FULL_STATE_DICT", "activation_checkpointing": False,
         "reshard_after_forward": True,
     }
+
+
+def test_fused_layers_under_fsdp_only_when_asked():
+    quantize = params().quantize
+    assert uses_fused_layers(params(fused_layers="auto").train, quantize, "none", "cuda")
+    assert not uses_fused_layers(params(fused_layers="auto").train, quantize, "fsdp", "cuda")
+    assert uses_fused_layers(params(fused_layers=True).train, quantize, "fsdp", "cuda")
+    assert not uses_fused_layers(params(fused_layers=False).train, quantize, "none", "cuda")
+    assert not uses_fused_layers(params(fused_layers="auto").train, quantize, "none", "cpu")

@@ -130,11 +130,13 @@ class Execution:
 
 
 def uses_fused_layers(params: TrainParams, quantize, sharding: str, device: str) -> bool:
-    """Fused LoRA layers (fused_layers.py) run over bitsandbytes' 4-bit layers; FSDP gathers weights around peft's
-    own modules, so sharded runs keep those. auto: on a GPU, where activation memory is what limits a step (on
-    the CPU they compute the same within float32 rounding, but not bit for bit)."""
-    wanted = device == "cuda" if params.fused_layers == "auto" else params.fused_layers
-    return wanted and quantize.load_in_4bit and sharding != "fsdp"
+    """Fused LoRA layers (fused_layers.py) run over bitsandbytes' 4-bit layers. auto: on a GPU, where activation
+    memory is what limits a step (on the CPU they compute the same within float32 rounding, but not bit for bit),
+    and not under FSDP, where they are checked on the CPU (tests/test_fsdp_training.py) but not yet measured on
+    GPUs: there `true` asks for them."""
+    if params.fused_layers == "auto":
+        return device == "cuda" and quantize.load_in_4bit and sharding != "fsdp"
+    return params.fused_layers and quantize.load_in_4bit
 
 
 def cpu_execution(params: TrainParams, rows: int, packing: bool, layers: int, fused_layers: bool) -> Execution:

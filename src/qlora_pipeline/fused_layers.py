@@ -147,8 +147,11 @@ def base_weight(layer, dtype):
     # The layout dequantize_4bit reads: the train stage turns off bitsandbytes' CPU inference repack
     # (speedups.keep_4bit_layers_trainable) before any forward.
     cached = layer._buffers.get("dequantized_weight")
-    weight = cached if cached is not None else bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
-    return weight.to(dtype)
+    if cached is not None:
+        return cached.to(dtype)
+    # Under FSDP the gathered weight is a plain tensor: bitsandbytes keeps its quantization state on the layer too.
+    quant_state = getattr(layer.weight, "quant_state", None) or layer.quant_state
+    return bnbf.dequantize_4bit(layer.weight.data, quant_state).to(dtype)
 
 
 class LoraLinear(torch.autograd.Function):
