@@ -27,6 +27,17 @@ def inference_dtype(device: str):
     return torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
 
 
+def use_inference_attention(device: str) -> None:
+    """On a GPU, leave cuDNN's attention out of the kernels PyTorch's scaled_dot_product_attention picks from (flash
+    and memory-efficient attention remain). cuDNN builds a plan for every new sequence length, which in training
+    with per-batch padding cost more than the attention itself (bench/NOTES.md, train.sdpa_cudnn); generation
+    makes a new length every token, and scoring one every batch."""
+    if device.startswith("cuda"):
+        import torch
+
+        torch.backends.cuda.enable_cudnn_sdp(False)
+
+
 def answer_loss(model, tokenized, pad_token_id: int, batch_size: int, device: str) -> dict[str, float]:
     """Mean cross-entropy over answer tokens (token-weighted), and its perplexity."""
     import torch
@@ -131,6 +142,7 @@ def evaluate(base_dir: Path, adapter_dir: Path, merged_dir: Path, tokenized_eval
     from qlora_pipeline.quantization import resolve_compute_dtype
 
     dtype = inference_dtype(device)
+    use_inference_attention(device)
     tokenized = datasets.load_from_disk(str(tokenized_eval_dir))
     results, answers = {}, {}
     for label, load in load_models(base_dir, adapter_dir, merged_dir, quantize, device, dtype).items():

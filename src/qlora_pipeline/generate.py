@@ -38,13 +38,14 @@ def load_for_generation(model_dir: Path, project: Path):
     """A model directory (base or merged) or an adapter directory on top of its base as trained, in the evaluation dtype."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qlora_pipeline.evaluation import inference_dtype
+    from qlora_pipeline.evaluation import inference_dtype, use_inference_attention
     from qlora_pipeline.quantization import resolve_device
 
     if not model_dir.is_dir():
         raise PipelineError(f"--model {model_dir}: no such directory (run the pipeline first: dvc repro)")
     device = resolve_device("auto")
     dtype = inference_dtype(device)
+    use_inference_attention(device)
     adapter_config = model_dir / "adapter_config.json"
     if adapter_config.is_file():
         from qlora_pipeline.config import QuantizeParams

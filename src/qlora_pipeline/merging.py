@@ -13,7 +13,8 @@ Without 4-bit quantization the two differ only where training loaded the base in
 dtype (bfloat16 on a GPU).
 
 The merge is computed in float32 (W + scale * B @ A), on the GPU if there is one and its free memory holds
-the float32 models (else those on the CPU: full_precision_device), and only then cast to `merge.dtype`. Two figures say how faithful the saved model is:
+the float32 models (else those on the CPU: full_precision_device), and only then cast to `merge.dtype`.
+Two figures say how faithful the saved model is:
 - vs. trained: against the model that was trained (the 4-bit base with the adapter applied on the fly,
   computing as the train stage computed);
 - vs. unmerged: against the chosen base in float32 with the adapter applied on the fly: the cost of the
