@@ -117,27 +117,38 @@ class Sampler(threading.Thread):
     def run(self) -> None:
         import psutil
 
-        root = psutil.Process(self.pid)
         while not self.stopped.is_set():
             try:
-                rss = max((p.memory_info().rss for p in root.children(recursive=True)), default=0)
-            except psutil.Error:
+                rss = max((p.memory_info().rss for p in psutil.Process(self.pid).children(recursive=True)), default=0)
+            except psutil.Error:   # dvc, or a process under it, ended while being read
                 rss = 0
-            self.samples.append((time.time(), rss, gpu_used_mib()))
+            gpu_mib = gpu_used_mib()
+            self.samples.append((time.time(), rss, gpu_mib))
             self.stopped.wait(0.25)
 
 
 def hold_gpu_memory(free_gib: float) -> subprocess.Popen:
     """A process that holds all of the GPU's free memory but `free_gib` GiB, until it is killed: the stages
     then see the card as a smaller one would be (what train.max_memory auto, and merge and evaluate, find free)."""
-    code = ("import sys, time, torch\n"
+    # It holds the memory until its standard input closes: when this process ends, however it ends.
+    code = ("import sys, torch\n"
             "free, _ = torch.cuda.mem_get_info()\n"
             "held = torch.empty(int(free - float(sys.argv[1]) * 2**30), dtype=torch.uint8, device='cuda')\n"
             "print(round(torch.cuda.mem_get_info()[0] / 2**30, 2), flush=True)\n"
-            "time.sleep(1e6)\n")
-    holder = subprocess.Popen([sys.executable, "-c", code, str(free_gib)], stdout=subprocess.PIPE, text=True)
-    print(f"GPU memory free for the stages: {holder.stdout.readline().strip()} GiB")
+            "sys.stdin.read()\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(free_gib)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    left = holder.stdout.readline().strip()
+    if not left:
+        raise SystemExit(f"--gpu-memory {free_gib:g}: could not hold the rest of the GPU (more than is free?)")
+    print(f"GPU memory free for the stages: {left} GiB")
     return holder
+
+
+def release(holder: subprocess.Popen | None) -> None:
+    if holder:
+        holder.stdin.close()
+        holder.wait()
 
 
 def gpu_used_mib() -> int:
@@ -194,6 +205,8 @@ def main(args) -> None:
     env["PYTHONPATH"] = os.pathsep.join([str(work / "src")] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep)
                                                               if p and Path(p).resolve() != ROOT / "src"])
     env.setdefault("PYTHONPYCACHEPREFIX", str(Path.home() / ".cache" / "pycache"))
+    # dvc, and the `python` of dvc.yaml's commands, from this interpreter's environment.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     bytecode_s = warm_bytecode(env)
 
     out = Path(args.out)
@@ -201,12 +214,14 @@ def main(args) -> None:
     holder = hold_gpu_memory(args.gpu_memory) if args.gpu_memory else None
     try:
         stages, whole_s = timed_repro(work, env, out / f"gpu_pipeline-{args.shape}-dvc_repro.log")
+        started = time.time()
+        subprocess.run(["dvc", "repro"], cwd=work, env=env, check=True, capture_output=True)
+        noop_s = time.time() - started
+        metrics = {p.stem: json.loads(p.read_text()) for p in sorted((work / "metrics").glob("*.json"))}
+        # Last: the profiled runs write the stages' outputs again.
+        profiles = profile_stages(work, env, out) if args.profile_stages else []
     finally:
-        if holder:
-            holder.kill()
-    started = time.time()
-    subprocess.run(["dvc", "repro"], cwd=work, env=env, check=True, capture_output=True)
-    noop_s = time.time() - started
+        release(holder)
 
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
     print(f"\ndvc repro, {args.shape} ({parameters / 1e9:.3f} B parameters), {gpu}"
@@ -216,8 +231,6 @@ def main(args) -> None:
         print(f"{s['stage']:18} {s['wall_s']:>7.1f} {s['peak_rss_gib']:>13.2f} {s['peak_gpu_used_mib']:>13}")
     print(f"{'whole dvc repro':18} {whole_s:>7.1f}\n{'no-op dvc repro':18} {noop_s:>7.1f}")
 
-    metrics = {p.stem: json.loads(p.read_text()) for p in sorted((work / "metrics").glob("*.json"))}
-    profiles = profile_stages(work, env, out) if args.profile_stages else []
     record = {
         "benchmark": "gpu_pipeline", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "gpu": gpu, "host": platform.node(), "model": {"shape": args.shape, "parameters": parameters},

@@ -62,10 +62,16 @@ def run(main: Callable[..., None], doc: str, writes: Sequence[str | Path] = (), 
 
 
 def end_process() -> None:
-    """Exit with status 0 at once, without the interpreter's teardown; what was printed is flushed first."""
+    """Exit with status 0 at once, without the interpreter's teardown; what was printed is flushed first (by
+    Python, and by C libraries that print through stdio, such as NCCL's debug lines)."""
+    import ctypes
     import logging
 
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
+    try:
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError):  # no C library to ask: nothing printed through it
+        pass
     os._exit(0)

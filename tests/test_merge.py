@@ -59,14 +59,25 @@ def merge_with(base: str, dtype: str, model_dir, adapter, out):
 
 
 def test_float32_copies_leave_a_gpu_they_do_not_fit(tiny_model_dir, monkeypatch):
-    """The merge keeps its float32 models on the GPU only where ~5 bytes a parameter (+ 1 GiB) are free
-    there (an 8 B model's ~37 GB are not on a 24 GB card), else on the CPU; on the CPU they stay there."""
+    """The merge keeps its float32 models on the GPU only where 5 bytes a parameter (8 without 4 bit) + 1 GiB
+    are free there (an 8 B model's ~37 GB are not on a 24 GB card), else on the CPU, if its memory holds one."""
+    import collections
+
+    import psutil
+
     from qlora_pipeline import merging, quantization
+    from qlora_pipeline.errors import PipelineError
 
     parameters = quantization.shapes_only_model(tiny_model_dir).num_parameters()
-    needed = 5 * parameters + 2**30
-    assert merging.full_precision_device(tiny_model_dir, "cpu") == "cpu"
-    monkeypatch.setattr(quantization, "memory_budget", lambda max_memory: needed)
-    assert merging.full_precision_device(tiny_model_dir, "cuda") == "cuda"
-    monkeypatch.setattr(quantization, "memory_budget", lambda max_memory: needed - 1)
-    assert merging.full_precision_device(tiny_model_dir, "cuda") == "cpu"
+    assert merging.full_precision_device(tiny_model_dir, "cpu", True) == "cpu"
+    for load_in_4bit, per_parameter in ((True, 5), (False, 8)):
+        needed = per_parameter * parameters + 2**30
+        monkeypatch.setattr(quantization, "memory_budget", lambda max_memory: needed)
+        assert merging.full_precision_device(tiny_model_dir, "cuda", load_in_4bit) == "cuda"
+        monkeypatch.setattr(quantization, "memory_budget", lambda max_memory: needed - 1)
+        assert merging.full_precision_device(tiny_model_dir, "cuda", load_in_4bit) == "cpu"
+    memory = collections.namedtuple("memory", "available")
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: memory(4 * parameters - 1))
+    monkeypatch.setattr(quantization, "memory_budget", lambda max_memory: 0)
+    with pytest.raises(PipelineError, match=r"^merge needs 0.0 GiB of memory for the float32 model on the CPU"):
+        merging.full_precision_device(tiny_model_dir, "cuda", True)

@@ -58,8 +58,8 @@ def answer_loss(model, tokenized, pad_token_id: int, batch_size: int, device: st
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
             shifted = labels[:, 1:].to(device)
             answer = shifted != IGNORE_INDEX
-            # Only the answer positions' logits in float32: a whole batch's would be 3.2 GB for 16 rows of 1,024
-            # tokens over a 49k vocabulary, beside an 8 B model's 15 GB on a 24 GB card.
+            # Only the answer positions' logits in float32 (and in cross_entropy's log-softmax): a whole batch's
+            # would be 3.2 GB each for 16 rows of 1,024 tokens over a 49k vocabulary, beside an 8 B model's 15 GB.
             total += F.cross_entropy(logits[:, :-1][answer].float(), shifted[answer], reduction="sum").item()
             count += int(answer.sum())
             del logits

@@ -110,17 +110,33 @@ def _max_abs_diff(a: list, b: list) -> float:
     return max((x - y).abs().max().item() for x, y in zip(a, b))
 
 
-def full_precision_device(model_dir: Path, device: str) -> str:
+def full_precision_device(model_dir: Path, device: str, load_in_4bit: bool) -> str:
     """Where the merge keeps its float32 models: `device`, unless they do not fit in the memory free there, then
-    the CPU. The merge holds the float32 base (4 bytes a parameter) beside the 4-bit one (at most ~1 more: 4-bit
-    linear weights, float32 embeddings); an 8 B model needs ~37 GB in float32, more than a 24 GB card, whose
-    4-bit copy (~6 GB) still runs on it. Only the float32 copies move: the merged weights are the same."""
-    if not device.startswith("cuda"):
-        return device
+    the CPU. The merge holds the float32 base (4 bytes a parameter) beside the model as trained (in 4 bit at most
+    ~1 more: 4-bit linear weights, float32 embeddings; else float32, 4 more); an 8 B model needs ~37 GB, more
+    than a 24 GB card, whose 4-bit copy (~6 GB) still runs on it. Only the float32 copies move: the merged
+    weights are the same. On the CPU they need 4 bytes a parameter of host memory (one model at a time)."""
     from qlora_pipeline.quantization import memory_budget, shapes_only_model
 
-    needed = 5 * shapes_only_model(model_dir).num_parameters() + 2**30  # + logits of the compared prompts
-    return device if needed <= memory_budget("auto") else "cpu"
+    parameters = shapes_only_model(model_dir).num_parameters()
+    if device.startswith("cuda"):
+        needed = (4 + (1 if load_in_4bit else 4)) * parameters + 2**30  # + logits of the compared prompts
+        if needed <= memory_budget("auto"):
+            return device
+    _require_host_memory(4 * parameters)
+    return "cpu"
+
+
+def _require_host_memory(needed: float) -> None:
+    """Stop with one line, before loading anything, where the float32 model cannot fit the memory available."""
+    import psutil
+
+    from qlora_pipeline.errors import PipelineError
+
+    available = psutil.virtual_memory().available
+    if needed > available:
+        raise PipelineError(f"merge needs {needed / 2**30:.1f} GiB of memory for the float32 model on the CPU, "
+                            f"{available / 2**30:.1f} GiB are available: free some, or merge on a machine with more")
 
 
 def free_memory(device: str) -> None:
@@ -156,7 +172,8 @@ def merge(model_dir: Path, adapter_dir: Path, formatted_eval: Path, out_dir: Pat
     rows = read_jsonl(formatted_eval)[: params.compare_prompts]
     batches = [tokenizer(row["prompt"] + row["completion"], return_tensors="pt") for row in rows]
 
-    full_device = full_precision_device(model_dir, device)
+    full_device = full_precision_device(model_dir, device, quantize.load_in_4bit)
+    # On one device, transformers 5 records no device map, so peft (below) does not dispatch the model again.
     full = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True,
                                                 device_map={"": full_device})
     as_trained = load_base_as_trained(model_dir, quantize, device, torch.float32)
