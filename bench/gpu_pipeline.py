@@ -190,13 +190,24 @@ def timed_repro(work: Path, env: dict, log: Path) -> tuple[list[dict], float]:
     return stages, ended - started
 
 
-def main(args) -> None:
-    import torch
+def gpu_name() -> str:
+    """The GPU's name from nvidia-smi (asking torch would give this process a CUDA context that `dvc repro`
+    would then run beside), or the CPU's where there is none."""
+    if shutil.which("nvidia-smi"):
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True)
+        if smi.stdout.strip():
+            return smi.stdout.splitlines()[0].strip()
+    return platform.processor() or "cpu"
 
+
+def main(args) -> None:
     code, data, tokenizer = Path(args.code).resolve(), Path(args.data).resolve(), Path(args.tokenizer).resolve()
     work = Path(args.work) / f"project-{args.shape}"
     model_dir = Path(args.model_dir or Path(args.work) / f"model-{args.shape}")
-    parameters = build_model(args.shape, tokenizer, model_dir, args.seed)
+    # In a process of its own: building a Llama shape on the GPU leaves a CUDA context behind.
+    built = subprocess.run([sys.executable, __file__, "--build-model", args.shape, str(tokenizer), str(model_dir),
+                            str(args.seed)], check=True, capture_output=True, text=True)
+    parameters = int(built.stdout.split()[-1])
     params = project_params(code, args.shape, model_dir, data, args.set)
     make_project(code, work, params)
 
@@ -223,7 +234,7 @@ def main(args) -> None:
     finally:
         release(holder)
 
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    gpu = gpu_name()
     print(f"\ndvc repro, {args.shape} ({parameters / 1e9:.3f} B parameters), {gpu}"
           f"{f' with {args.gpu_memory:g} GiB free' if args.gpu_memory else ''}; bytecode compiled first in {bytecode_s:.1f} s")
     print(f"{'stage':18} {'wall s':>7} {'peak RSS GiB':>13} {'GPU used MiB':>13}")
@@ -271,6 +282,10 @@ def versions() -> dict:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--build-model"]:   # main's child: build the model, print its parameter count
+        shape, tokenizer_dir, model_dir, seed = sys.argv[2:6]
+        print(build_model(shape, Path(tokenizer_dir), Path(model_dir), int(seed)))
+        sys.exit()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="Alpaca-format JSON file (the Alpaca sample)")
     parser.add_argument("--tokenizer", required=True, help="directory with the tokenizer (the embedded model's)")
