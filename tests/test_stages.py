@@ -293,3 +293,37 @@ def test_generate_names_a_missing_model(ran):
                             cwd=ran, capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip() == "error: --model models/nope: no such directory (run the pipeline first: dvc repro)"
+
+
+def test_out_of_memory_in_the_first_steps_retries_once_with_a_smaller_plan(ran, tmp_path, monkeypatch, capsys):
+    """training.train's fallback, driven on the CPU: the first attempt changes the adapter and runs out of memory;
+    the stage warns, puts the adapter back and trains with the smaller plan, as a run started with it does."""
+    import dataclasses
+
+    import torch
+
+    from qlora_pipeline import trainer, training
+
+    real_fit, plans = trainer.fit, []
+
+    def fit(model, tokenizer, train_set, eval_set, params, run, *rest):
+        plans.append(run)
+        if len(plans) == 1:
+            with torch.no_grad():
+                for param in model.parameters():
+                    if param.requires_grad:
+                        param.add_(1.0)
+            raise torch.OutOfMemoryError("CUDA out of memory (raised by the test)")
+        return real_fit(model, tokenizer, train_set, eval_set, params, run, *rest)
+
+    monkeypatch.setattr(trainer, "fit", fit)
+    monkeypatch.setattr(training, "_smaller_execution",
+                        lambda run, *_: dataclasses.replace(run, rows_per_pass=4, reason="passes of 4 rows (test)"))
+    no_dropout = {"lora": {"dropout": 0.0}, "train": {"packing": False}}
+    retried = train_variants(ran, tmp_path, {"retried": no_dropout})["retried"]
+    assert "out of GPU memory in the first 3 steps" in capsys.readouterr().err
+    assert [p.rows_per_pass for p in plans] == [8, 4] and retried[0]["micro_batch_size"] == 4
+    monkeypatch.setattr(trainer, "fit", real_fit)
+    fresh = train_variants(ran, tmp_path / "fresh", {"fresh": {"lora": {"dropout": 0.0},
+                                                                "train": {"packing": False, "micro_batch_size": 4}}})["fresh"]
+    assert_same_steps(retried[1], fresh[1], 1e-6, 1e-5)

@@ -51,20 +51,7 @@ def train(
 
     device = resolve_device(params.device)
     compute_dtype = resolve_compute_dtype(quantize, device)
-    num_processes, rank, local_rank = execution.world()
-    if num_processes != params.num_processes * params.nnodes:
-        raise PipelineError(
-            f"params keys 'train.num_processes' x 'train.nnodes' make {params.num_processes * params.nnodes} processes "
-            f"but the stage runs in {num_processes}"
-        )
-    if num_processes > 1:
-        # Before anything is loaded: processes that would not train the same run stop here, all with one line.
-        distributed.start_process_group(device)
-        # The rendezvous may differ: --join names it on the other machines, each may wait as long as it likes.
-        train_keys = {k: v for k, v in as_dict(params).items() if k not in ("rdzv_endpoint", "rdzv_timeout_s")}
-        distributed.refuse_differences({"seed": seed, "quantize": as_dict(quantize), "lora": as_dict(lora),
-                                        "train": train_keys},
-                                       {"base_model": model_dir, "tokenized_data": tokenized_dir})
+    num_processes, rank, local_rank = _join_processes(model_dir, tokenized_dir, quantize, lora, params, seed, device)
     resume_from = _resume_point(model_dir, tokenized_dir, quantize, lora, params, seed, checkpoint_dir, rank)
     if params.checkpoint_every_steps:
         resume_from = distributed.share_resume_point(resume_from, checkpoint_dir)
@@ -97,10 +84,7 @@ def train(
         smaller = _smaller_execution(run, exc, params, model_dir, lora, row_lengths)
         result = None
     if result is None:
-        print(f"warning: out of GPU memory in the first {FALLBACK_STEPS} steps with {run.reason}; "
-              f"retrying once with {smaller.reason}", file=sys.stderr)
-        _shrink_to(model, smaller, initial_adapter)
-        run, dequantized_mb = smaller, min(dequantized_mb, smaller.dequantized_cache_mb)
+        run, dequantized_mb = _shrink_to(model, run, smaller, initial_adapter, dequantized_mb)
         start = time.perf_counter()
         result = attempt(run)
     seconds = time.perf_counter() - start
@@ -174,10 +158,14 @@ def prepare_model(model_dir, quantize: QuantizeParams, lora: LoraParams, params:
     return model, targets, dequantized_mb
 
 
-def _shrink_to(model, smaller: execution.Execution, initial_adapter: dict) -> None:
-    """Make the model execute the smaller plan, and put the adapter back to where training started."""
+def _shrink_to(model, run: execution.Execution, smaller: execution.Execution, initial_adapter: dict,
+               dequantized_mb: float) -> tuple[execution.Execution, float]:
+    """After an out-of-memory error with `run`: say so, make the model execute the smaller plan, and put the
+    adapter back to where training started. Returns the plan and the MiB of weights still kept dequantized."""
     import torch
 
+    print(f"warning: out of GPU memory in the first {FALLBACK_STEPS} steps with {run.reason}; "
+          f"retrying once with {smaller.reason}", file=sys.stderr)
     gc.collect()
     if not smaller.dequantized_cache_mb:
         speedups.drop_dequantized_weights(model)
@@ -188,6 +176,27 @@ def _shrink_to(model, smaller: execution.Execution, initial_adapter: dict) -> No
                 param.copy_(initial_adapter[name])
                 param.grad = None
     torch.cuda.empty_cache()
+    return smaller, min(dequantized_mb, smaller.dequantized_cache_mb)
+
+
+def _join_processes(model_dir: Path, tokenized_dir: Path, quantize: QuantizeParams, lora: LoraParams,
+                    params: TrainParams, seed: int, device: str) -> tuple[int, int, int]:
+    """This process's place in the run (processes, rank, local rank). With several, before anything is loaded:
+    they start their process group, and processes that would not train the same run stop, all with one line."""
+    num_processes, rank, local_rank = execution.world()
+    if num_processes != params.num_processes * params.nnodes:
+        raise PipelineError(
+            f"params keys 'train.num_processes' x 'train.nnodes' make {params.num_processes * params.nnodes} processes "
+            f"but the stage runs in {num_processes}"
+        )
+    if num_processes > 1:
+        distributed.start_process_group(device)
+        # The rendezvous may differ: --join names it on the other machines, each may wait as long as it likes.
+        train_keys = {k: v for k, v in as_dict(params).items() if k not in ("rdzv_endpoint", "rdzv_timeout_s")}
+        distributed.refuse_differences({"seed": seed, "quantize": as_dict(quantize), "lora": as_dict(lora),
+                                        "train": train_keys},
+                                       {"base_model": model_dir, "tokenized_data": tokenized_dir})
+    return num_processes, rank, local_rank
 
 
 def plan_execution(model_dir, lora, quantize, params: TrainParams, device: str, compute_dtype, num_processes: int,
