@@ -40,7 +40,7 @@ def load_base_as_trained(model_dir: Path, quantize: QuantizeParams, device: str,
     arithmetic without dequantizing every weight at every call (5x faster generation on the CPU, measured),
     for a full-precision copy of the linear weights in memory."""
     from qlora_pipeline.quantization import load_model, resolve_compute_dtype
-    from qlora_pipeline.speedups import cache_dequantized_weights
+    from qlora_pipeline.speedups import cache_dequantized_weights, keep_4bit_layers_trainable
 
     compute_dtype = resolve_compute_dtype(quantize, device)
     model = load_model(model_dir, quantize, device, compute_dtype)
@@ -50,11 +50,10 @@ def load_base_as_trained(model_dir: Path, quantize: QuantizeParams, device: str,
             # map keeps the whole file mapped, every weight page read while quantizing counted in the process's
             # memory (3.6 GiB more for a 1 B float32 checkpoint, measured).
             param.data = param.data.to(dtype, copy=param.device.type == "cpu")
-    for _, layer in _linear_4bit_layers(model):
-        # On a CPU with AVX512-BF16, bitsandbytes runs a 4-bit layer that is not training in a bfloat16
-        # kernel (input and scales in bfloat16) whatever the compute dtype: not the arithmetic the adapter
-        # was trained with (dequantize to the compute dtype, then a plain matmul), which this keeps.
-        layer.support_avx512bf16_for_cpu = False
+    # On a CPU with AVX512-BF16, bitsandbytes runs a 4-bit layer that is not training in a bfloat16 kernel (input
+    # and scales in bfloat16) whatever the compute dtype: not the arithmetic the adapter was trained with
+    # (dequantize to the compute dtype, then a plain matmul). The train stage turns that kernel off, so here too.
+    keep_4bit_layers_trainable(model)
     if dequantize_once:
         cache_dequantized_weights(model, compute_dtype, float("inf"))
     return model.eval()
