@@ -24,12 +24,16 @@ Writes bench/results/sharded_scaling-<UTC time>-<gpus>.json with keys gpu, model
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -43,33 +47,50 @@ from scale_speed import _versions, build_model, prepare_rows  # noqa: E402
 ROWS_PER_STEP = 16   # divides over 1, 2 and 4 processes
 
 
-def runs(gpu_counts: list[int], cap: float, capped_only: bool = False) -> list[tuple[str, int, float | None]]:
-    """(sharding, GPUs, cap in GiB or None) in the order they run (capped_only: the capped runs alone)."""
-    planned = [] if capped_only else [("none", 1, None)]
+def runs(gpu_counts: list[int], cap: float, which: str = "all",
+         fused_layers: tuple[str, ...] = ("auto",)) -> list[tuple[str, int, float | None, str]]:
+    """(sharding, GPUs, cap in GiB or None, train.fused_layers) in the order they run. which: all, capped (DDP
+    refused, fsdp trains) or fsdp (the uncapped fsdp runs alone). Every fsdp run once for each of `fused_layers`;
+    the others with auto (fused on one GPU)."""
+    planned = [("none", 1, None, "auto")] if which == "all" else []
     for gpus in (n for n in gpu_counts if n > 1):
-        planned += [("none", gpus, cap), ("fsdp", gpus, cap)]
-        planned += [] if capped_only else [("none", gpus, None), ("fsdp", gpus, None)]
+        for capped in {"all": (cap, None), "capped": (cap,), "fsdp": (None,)}[which]:
+            planned += [] if which == "fsdp" else [("none", gpus, capped, "auto")]
+            planned += [("fsdp", gpus, capped, fused) for fused in fused_layers]
     return planned
+
+
+def train_params(params: dict, sharding: str, gpus: int, cap: float | None, fused_layers: str, **train) -> dict:
+    from qlora_pipeline.config import deep_update
+
+    fused = {"auto": "auto", "true": True, "false": False}[fused_layers]
+    return deep_update(params, {"train": {
+        "num_processes": gpus, "sharding": sharding, "max_memory": cap or "auto", "fused_layers": fused, **train}})
+
+
+def failure(stderr: str) -> str:
+    lines = stderr.strip().splitlines() or ["no output"]
+    # A failed worker's exception is above the launcher's last line: keep it beside that line.
+    raised = [line for line in lines if re.match(r"(\[rank\d+\]: )?\w+(Error|Exception): ", line)]
+    return (lines[-1] + (f" ({raised[-1]})" if raised and raised[-1] != lines[-1] else ""))[:600]
 
 
 def train_once(project: Path, params: dict, sharding: str, gpus: int, cap: float | None, warmup: int,
                fused_layers: str = "auto") -> dict:
-    from qlora_pipeline.config import deep_update
-
-    fused = {"auto": "auto", "true": True, "false": False}[fused_layers]
-    write_params(project, deep_update(params, {"train": {
-        "num_processes": gpus, "sharding": sharding, "max_memory": cap or "auto", "fused_layers": fused}}))
+    write_params(project, train_params(params, sharding, gpus, cap, fused_layers))
     for stale in ("metrics/train.json", "metrics/train_log.csv"):
         (project / stale).unlink(missing_ok=True)
     child = subprocess.run([sys.executable, "stages/train.py"], cwd=project, capture_output=True, text=True)
     result = {"sharding": sharding, "gpus": gpus, "memory_cap_gib": cap, "real_tokens_per_s": None,
               "peak_allocated_mb": None, "error": None}
     if child.returncode:
-        lines = child.stderr.strip().splitlines() or ["no output"]
-        # A failed worker's exception is above the launcher's last line: keep it beside that line.
-        raised = [line for line in lines if re.match(r"(\[rank\d+\]: )?\w+(Error|Exception): ", line)]
-        result["error"] = (lines[-1] + (f" ({raised[-1]})" if raised and raised[-1] != lines[-1] else ""))[:600]
+        result["error"] = failure(child.stderr)
         return result
+    # Kept for the resume check: what the same run gives uninterrupted.
+    kept = project.parent / f"uninterrupted-{sharding}-{gpus}-{cap or 'nocap'}-{fused_layers}"
+    shutil.rmtree(kept, ignore_errors=True)
+    shutil.copytree(project / "models/adapter", kept / "adapter")
+    shutil.copy(project / "metrics/train_log.csv", kept)
     metrics = json.loads((project / "metrics/train.json").read_text())
     result.update(
         real_tokens_per_s=round(steady_tokens_per_s(project, warmup), 1),
@@ -79,6 +100,46 @@ def train_once(project: Path, params: dict, sharding: str, gpus: int, cap: float
         estimated_peak_mb=metrics["estimated_peak_mb"], steps=metrics["steps"], fused_layers=metrics["fused_layers"],
     )
     return result
+
+
+def losses(train_log: Path) -> dict[int, float]:
+    with open(train_log) as fh:
+        return {int(row["step"]): float(row["loss"]) for row in csv.DictReader(fh) if row.get("loss")}
+
+
+def resume_check(project: Path, params: dict, gpus: int, fused_layers: str, kill_after: int,
+                 sharding: str = "fsdp") -> dict:
+    """The `sharding` run with no cap, killed (SIGKILL to every process, as a machine that goes down) once checkpoint
+    `kill_after` is complete, then run again: it must resume from that checkpoint and end with the losses and
+    adapter of the same run uninterrupted (kept by train_once)."""
+    from ddp_scaling import adapter_difference
+
+    from qlora_pipeline import checkpoints
+
+    write_params(project, train_params(params, sharding, gpus, None, fused_layers, checkpoint_every_steps=kill_after))
+    for stale in ("checkpoints/train", "models/adapter"):
+        shutil.rmtree(project / stale, ignore_errors=True)
+    for stale in ("metrics/train.json", "metrics/train_log.csv"):
+        (project / stale).unlink(missing_ok=True)
+    target = project / "checkpoints/train" / f"{checkpoints.PREFIX}{kill_after}"
+    child = subprocess.Popen([sys.executable, "stages/train.py"], cwd=project, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while child.poll() is None and not checkpoints.is_complete(target):
+        time.sleep(0.2)
+    os.killpg(child.pid, signal.SIGKILL)
+    child.wait()
+    result = {"sharding": sharding, "gpus": gpus, "fused_layers": fused_layers, "killed_after_checkpoint": kill_after,
+              "killed_before_the_end": checkpoints.is_complete(target) and not (project / "models/adapter").exists()}
+    rerun = subprocess.run([sys.executable, "stages/train.py"], cwd=project, capture_output=True, text=True)
+    if rerun.returncode:
+        return {**result, "error": failure(rerun.stderr)}
+    uninterrupted = project.parent / f"uninterrupted-{sharding}-{gpus}-nocap-{fused_layers}"
+    expected, resumed = losses(uninterrupted / "train_log.csv"), losses(project / "metrics/train_log.csv")
+    return {**result, "error": None,
+            "resumed_from_step": json.loads((project / "metrics/train.json").read_text())["resumed_from_step"],
+            "steps_logged": sorted(resumed),
+            "max_loss_difference": max(abs(expected[s] - resumed[s]) for s in resumed),
+            "max_adapter_difference": adapter_difference(uninterrupted / "adapter", project / "models/adapter")}
 
 
 def main(args: argparse.Namespace) -> None:
@@ -109,28 +170,34 @@ def main(args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     partial = out / "sharded_scaling-partial.jsonl"
     results = []
-    for sharding, gpus, cap in runs(gpu_counts, args.memory_cap_gib, args.capped_only):
-        result = train_once(project, params, sharding, gpus, cap, args.warmup, args.fused_layers)
+    for sharding, gpus, cap, fused in runs(gpu_counts, args.memory_cap_gib, args.runs, args.fused_layers):
+        result = train_once(project, params, sharding, gpus, cap, args.warmup, fused)
         results.append(result)
         with partial.open("a") as fh:
             fh.write(json.dumps({"shape": args.shape, **result}) + "\n")
-        print(f"{sharding:5} {gpus} GPU cap {cap or '-'}: {result['real_tokens_per_s']} tokens/s, peak "
+        print(f"{sharding:5} {gpus} GPU cap {cap or '-'} fused {fused}: {result['real_tokens_per_s']} tokens/s, peak "
               f"{result['peak_allocated_mb']} MiB, error {result['error']}", flush=True)
 
-    reference = results[0]["real_tokens_per_s"] if results[0]["gpus"] == 1 else None
+    reference = results[0]["real_tokens_per_s"] if results and results[0]["gpus"] == 1 else None
     for r in results:
         r["speedup_vs_1_gpu"] = round(r["real_tokens_per_s"] / reference, 3) if r["real_tokens_per_s"] and reference else None
+    resume = None
+    if args.resume_check and max(gpu_counts) > 1:
+        resume = resume_check(project, params, max(gpu_counts), args.fused_layers[-1], args.steps // 2)
+        print(f"resume check: {resume}", flush=True)
     gpu = torch.cuda.get_device_name()
     print(f"\n{args.shape} ({parameters / 1e9:.2f} B parameters), {gpu}, {ROWS_PER_STEP} rows a step, "
           f"{args.steps} steps, tokens/s after step {args.warmup}")
-    print(f"{'sharding':8} {'GPUs':>4} {'cap GiB':>7} {'tokens/s':>9} {'vs 1 GPU':>8} {'peak MiB':>9}  error")
+    print(f"{'sharding':8} {'GPUs':>4} {'cap GiB':>7} {'fused':>5} {'tokens/s':>9} {'vs 1 GPU':>8} {'peak MiB':>9}  error")
     for r in results:
-        print(f"{r['sharding']:8} {r['gpus']:>4} {r['memory_cap_gib'] or '-':>7} {r['real_tokens_per_s'] or 0:>9.0f} "
+        print(f"{r['sharding']:8} {r['gpus']:>4} {r['memory_cap_gib'] or '-':>7} {str(r.get('fused_layers', '-')):>5} "
+              f"{r['real_tokens_per_s'] or 0:>9.0f} "
               f"{r['speedup_vs_1_gpu'] or 0:>7.2f}x {r['peak_allocated_mb'] or 0:>9.0f}  {r['error'] or ''}")
     record = {
         "benchmark": "sharded_scaling", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "gpu": gpu, "model": {"shape": args.shape, "parameters": parameters}, "rows_per_step": ROWS_PER_STEP,
         "steps": args.steps, "warmup_steps": args.warmup, "versions": _versions(), "results": results,
+        "resume_check": resume,
     }
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H%M")
     path = out / f"sharded_scaling-{stamp}-{max(gpu_counts)}x{gpu.replace(' ', '_')}.json"
@@ -149,10 +216,13 @@ if __name__ == "__main__":
     parser.add_argument("--memory-cap-gib", type=float, default=7.0,
                         help="train.max_memory for the capped runs: under what one whole 4-bit copy needs to train")
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--capped-only", action="store_true", help="only the capped runs (DDP refused, fsdp trains)")
+    parser.add_argument("--runs", choices=["all", "capped", "fsdp"], default="all",
+                        help="all; capped: the capped runs alone (DDP refused, fsdp trains); fsdp: the uncapped fsdp runs")
     parser.add_argument("--warmup", type=int, default=3, help="steps left out of the tokens/s")
-    parser.add_argument("--fused-layers", choices=["auto", "true", "false"], default="auto",
-                        help="train.fused_layers for every run (auto leaves them off under fsdp; true asks for them)")
+    parser.add_argument("--fused-layers", choices=["auto", "true", "false"], nargs="+", default=["auto"],
+                        help="train.fused_layers for the fsdp runs, each in turn (auto leaves them off under fsdp)")
+    parser.add_argument("--resume-check", action="store_true",
+                        help="then kill the fsdp run (the last --fused-layers, no cap) half way and run it again")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--work", default="/tmp/qlora-sharded")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))

@@ -50,9 +50,13 @@ def test_sharded_plans_fit_where_the_whole_model_does_not():
     sharded = plan(7, shards=2)
     assert sharded.peak_mb < 7 * 1024
     # Every process runs as many passes as the others: a fixed number of rows a pass, the token bound what
-    # those rows can reach; no graphs, no dequantized copy.
+    # those rows can reach; no graphs; dequantized weights only in what the sharded step leaves of the budget.
     assert sharded.tokens_per_pass == longest_pass_tokens(ROWS, sharded.rows_per_pass, True)
-    assert (sharded.cuda_graphs, sharded.dequantized_cache_mb) == (False, 0.0)
+    assert not sharded.cuda_graphs and sharded.dequantized_cache_mb < 0.1 * 7 * 1024
+    # With room, every process keeps the whole dequantized copy (made before sharding, beside the loaded model).
+    roomy = plan(40, shards=2)
+    assert roomy.dequantized_cache_mb == pytest.approx(LLAMA_8B.linear_params * 2 / 2**20, abs=1)
+    assert roomy.peak_mb > weights_bytes(LLAMA_8B, params().quantize, True) / 2**20 + roomy.dequantized_cache_mb
 
 
 def test_each_process_still_loads_the_whole_4bit_model():
@@ -91,7 +95,7 @@ def test_fsdp_is_refused_where_it_cannot_run():
     refuse_sharding(params(sharding="auto").train, "cpu", 2)
 
 
-def test_the_trainer_gets_fsdp2_over_the_decoder_layers(tmp_path):
+def test_the_trainer_gets_fsdp2_settings(tmp_path):
     from trl import SFTConfig
 
     from qlora_pipeline.config import ModelParams
@@ -109,8 +113,8 @@ def test_the_trainer_gets_fsdp2_over_the_decoder_layers(tmp_path):
     config = SFTConfig(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none", gradient_checkpointing=False,
                        **options)
     assert config.fsdp_plugin_args == {
-        "fsdp_version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "transformer_cls_names_to_wrap": "LlamaDecoderLayer",
-        "cpu_ram_efficient_loading": False, "state_dict_type": "FULL_STATE_DICT", "activation_checkpointing": False,
+        # The decoder layers are sharded before the Trainer's accelerate shards the rest (test_fsdp_training.py).
+        "fsdp_version": 2, "auto_wrap_policy": "NO_WRAP", "cpu_ram_efficient_loading": False, "state_dict_type": "FULL_STATE_DICT", "activation_checkpointing": False,
         "reshard_after_forward": True,
     }
 

@@ -201,7 +201,8 @@ def plan_step(size: ModelSize, params: TrainParams, quantize: QuantizeParams, ro
     process still loads the whole 4-bit model before it is sharded (accelerate 1.15 skips its low-memory loading
     for 4-bit weights), so that must fit too. Every process must run as many passes as the others (each pass
     gathers the weights together), so passes hold a fixed number of rows and the token bound is what those
-    rows can reach; no dequantized cache (a whole dequantized copy on every process) and no CUDA graphs."""
+    rows can reach; no CUDA graphs. A dequantized cache is a whole copy on every process (made before the
+    weights are sharded, so it counts beside the loading too): only the memory the sharded step leaves."""
     upcast = params.upcast_non_quantized
     if shards > 1:
         fixed = sharded_bytes(size, quantize, upcast, eight_bit_optimizer, shards)
@@ -243,7 +244,7 @@ def plan_step(size: ModelSize, params: TrainParams, quantize: QuantizeParams, ro
                 passes = mean_passes(row_lengths, rows_per_process, tokens, rows, packing)
             graph_options = [graphs_allowed and layers == 0] if params.cuda_graphs == "auto" else [bool(params.cuda_graphs)]
             for graphs in graph_options:
-                cache = _cache_mb(size, quantize, params, usable - need) if shards == 1 else 0.0
+                cache = _cache_mb(size, quantize, params, usable - need)
                 cached_fraction = min(1.0, cache * MIB / max(size.linear_params * 2, 1))
                 candidates.append(Plan(rows, tokens, round(passes, 2), layers, graphs, cache,
                                        round((need + cache * MIB) / MIB, 1),

@@ -359,14 +359,9 @@ def fit(model, tokenizer, train_set, eval_set, params, run, optimizer: str, comp
 
         sft_trainer.graphed = GraphedTrainingPass(model, compute_dtype)
     if run.sharding == "fsdp":
-        from torch.distributed.fsdp import MixedPrecisionPolicy
-
-        # FSDP casts no parameter (the packed 4-bit weights stay as stored; autocast computes in the compute
-        # dtype, as without FSDP) and reduces gradients in float32, as DDP does.
-        sft_trainer.accelerator.state.fsdp_plugin.mixed_precision_policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
+        sft_trainer.accelerator.state.fsdp_plugin.mixed_precision_policy = fsdp_mixed_precision()
         gather_head_for_fused_loss(model)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+        shard_decoder_layers(model)
     if resume_from is not None:
         print(f"train: resuming from {resume_from}", file=sys.stderr)
     try:
@@ -414,6 +409,43 @@ def gather_head_for_fused_loss(model) -> None:
     model.register_forward_hook(release)
 
 
+def fsdp_mixed_precision():
+    """FSDP casts no parameter (the packed 4-bit weights stay as stored; autocast computes in the compute dtype, as
+    without FSDP) and reduces gradients in float32, as DDP does."""
+    import torch
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(reduce_dtype=torch.float32)
+
+
+def decoder_layers(model) -> list:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def shard_decoder_layers(model) -> int:
+    """Shard the decoder layers (the FSDP units _fsdp_options names) one after the other, each freeing its whole
+    weights as it goes; the Trainer's accelerate then shards the rest (embeddings, head, root) and leaves these as
+    they are. Returns how many layers were sharded.
+
+    Why not leave them to accelerate: its fsdp2_prepare_model holds the model's whole state dict while it shards
+    (for a low-memory loading it skips for 4-bit weights), so every process held the whole model and all its shards
+    at once: 7.4 GiB at peak on the 8 B shape, whose sharded step was planned at 5.6 GiB
+    (bench/results/sharded_scaling-2026-11-29T0104-2xNVIDIA_H200.json)."""
+    from torch.distributed.fsdp import fully_shard
+
+    layers = decoder_layers(model)
+    for layer in layers:
+        fully_shard(layer, reshard_after_forward=RESHARD_AFTER_FORWARD, mp_policy=fsdp_mixed_precision())
+    return len(layers)
+
+
+# A layer's gathered weights are freed after its forward and gathered again for its backward: one layer's whole
+# weights at a time instead of every layer's.
+RESHARD_AFTER_FORWARD = True
+
+
 def _fsdp_options(model, run) -> dict[str, Any]:
     """The Trainer's FSDP settings for a sharded run (accelerate's FSDP2 plugin): each decoder layer a unit,
     resharded after its forward; checkpoints hold the whole adapter and optimizer state, written by the first
@@ -423,11 +455,10 @@ def _fsdp_options(model, run) -> dict[str, Any]:
     (speedups.checkpoint_layers), which restores it."""
     if run.sharding != "fsdp":
         return {}
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    layers = sorted({type(m).__name__ for m in model.modules() if isinstance(m, GradientCheckpointingLayer)})
+    # NO_WRAP: the decoder layers are units already (shard_decoder_layers); accelerate would look their class
+    # up by name, which fully_shard has changed.
     return {"fsdp": True, "fsdp_config": {
-        "version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "transformer_layer_cls_to_wrap": layers,
-        "reshard_after_forward": True, "state_dict_type": "FULL_STATE_DICT", "activation_checkpointing": False,
+        "version": 2, "auto_wrap_policy": "NO_WRAP", "reshard_after_forward": RESHARD_AFTER_FORWARD,
+        "state_dict_type": "FULL_STATE_DICT", "activation_checkpointing": False,
         "cpu_ram_efficient_loading": False,
     }}

@@ -175,7 +175,10 @@ def _shrink_to(model, run: execution.Execution, smaller: execution.Execution, in
             if name in initial_adapter:
                 param.copy_(initial_adapter[name])
                 param.grad = None
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        # The peak in the metrics is then the retry's (the first attempt's was at the budget, or past it).
+        torch.cuda.reset_peak_memory_stats()
     return smaller, min(dequantized_mb, smaller.dequantized_cache_mb)
 
 
