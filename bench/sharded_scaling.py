@@ -8,9 +8,10 @@ with random weights under a per-process memory budget that one whole copy of the
 The model and the rows are scale_speed.py's (build_model, prepare_rows: the Alpaca sample, alpaca template,
 answers only, max_length 1,024), saved as models/base and data/tokenized of a throw-away project; the train
 stage then runs there as `dvc repro` runs it (`python stages/train.py`, which relaunches itself through torchrun
-on several GPUs), 16 rows an optimizer step whatever the GPUs. The cap is train.max_memory, the budget the
-memory plan executes a step within: under it DDP (sharding none) stops with the planner's one line naming
-train.max_memory, fsdp trains; its peak allocated memory (first process) must stay under the cap. Per GPU count:
+on several GPUs), --rows-per-step rows an optimizer step (16) whatever the GPUs. The cap is train.max_memory,
+the budget the memory plan executes a step within: under it DDP (sharding none) stops with the planner's one
+line naming train.max_memory, fsdp trains; its peak allocated memory (first process, loading and sharding
+included) must stay under the cap. Per GPU count:
 
     1 GPU:   none, no cap                      (the reference)
     N GPUs:  none under the cap, fsdp under the cap, none and fsdp with no cap
@@ -44,17 +45,16 @@ sys.path.insert(0, str(ROOT / "bench"))
 from ddp_scaling import steady_tokens_per_s, write_params  # noqa: E402
 from scale_speed import _versions, build_model, prepare_rows  # noqa: E402
 
-ROWS_PER_STEP = 16   # divides over 1, 2 and 4 processes
 
 
 def runs(gpu_counts: list[int], cap: float, which: str = "all",
          fused_layers: tuple[str, ...] = ("auto",)) -> list[tuple[str, int, float | None, str]]:
     """(sharding, GPUs, cap in GiB or None, train.fused_layers) in the order they run. which: all, capped (DDP
-    refused, fsdp trains) or fsdp (the uncapped fsdp runs alone). Every fsdp run once for each of `fused_layers`;
-    the others with auto (fused on one GPU)."""
-    planned = [("none", 1, None, "auto")] if which == "all" else []
+    refused, fsdp trains), uncapped (one GPU and the runs without a cap) or fsdp (the uncapped fsdp runs alone).
+    Every fsdp run once for each of `fused_layers`; the others with auto (fused on one GPU)."""
+    planned = [("none", 1, None, "auto")] if which in ("all", "uncapped") else []
     for gpus in (n for n in gpu_counts if n > 1):
-        for capped in {"all": (cap, None), "capped": (cap,), "fsdp": (None,)}[which]:
+        for capped in {"all": (cap, None), "capped": (cap,), "uncapped": (None,), "fsdp": (None,)}[which]:
             planned += [] if which == "fsdp" else [("none", gpus, capped, "auto")]
             planned += [("fsdp", gpus, capped, fused) for fused in fused_layers]
     return planned
@@ -137,7 +137,8 @@ def resume_check(project: Path, params: dict, gpus: int, fused_layers: str, kill
     expected, resumed = losses(uninterrupted / "train_log.csv"), losses(project / "metrics/train_log.csv")
     return {**result, "error": None,
             "resumed_from_step": json.loads((project / "metrics/train.json").read_text())["resumed_from_step"],
-            "steps_logged": sorted(resumed),
+            # Steps up to the kill come from the killed run's log: their differences are the GPUs' run-to-run ones.
+            "loss_difference_by_step": {s: round(resumed[s] - expected[s], 6) for s in sorted(resumed)},
             "max_loss_difference": max(abs(expected[s] - resumed[s]) for s in resumed),
             "max_adapter_difference": adapter_difference(uninterrupted / "adapter", project / "models/adapter")}
 
@@ -161,7 +162,7 @@ def main(args: argparse.Namespace) -> None:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["seed"] = args.seed
     params["lora"].update(r=8, alpha=16, dropout=0.05, target_modules="auto")
-    params["train"].update(max_steps=args.steps, batch_size=ROWS_PER_STEP, grad_accum=1, learning_rate=2e-4,
+    params["train"].update(max_steps=args.steps, batch_size=args.rows_per_step, grad_accum=1, learning_rate=2e-4,
                            log_every_steps=1, checkpoint_every_steps=0, eval_every_steps=0, device="cuda")
 
     available = torch.cuda.device_count()
@@ -186,7 +187,7 @@ def main(args: argparse.Namespace) -> None:
         resume = resume_check(project, params, max(gpu_counts), args.fused_layers[-1], args.steps // 2)
         print(f"resume check: {resume}", flush=True)
     gpu = torch.cuda.get_device_name()
-    print(f"\n{args.shape} ({parameters / 1e9:.2f} B parameters), {gpu}, {ROWS_PER_STEP} rows a step, "
+    print(f"\n{args.shape} ({parameters / 1e9:.2f} B parameters), {gpu}, {args.rows_per_step} rows a step, "
           f"{args.steps} steps, tokens/s after step {args.warmup}")
     print(f"{'sharding':8} {'GPUs':>4} {'cap GiB':>7} {'fused':>5} {'tokens/s':>9} {'vs 1 GPU':>8} {'peak MiB':>9}  error")
     for r in results:
@@ -195,7 +196,7 @@ def main(args: argparse.Namespace) -> None:
               f"{r['speedup_vs_1_gpu'] or 0:>7.2f}x {r['peak_allocated_mb'] or 0:>9.0f}  {r['error'] or ''}")
     record = {
         "benchmark": "sharded_scaling", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "gpu": gpu, "model": {"shape": args.shape, "parameters": parameters}, "rows_per_step": ROWS_PER_STEP,
+        "gpu": gpu, "model": {"shape": args.shape, "parameters": parameters}, "rows_per_step": args.rows_per_step,
         "steps": args.steps, "warmup_steps": args.warmup, "versions": _versions(), "results": results,
         "resume_check": resume,
     }
@@ -216,8 +217,11 @@ if __name__ == "__main__":
     parser.add_argument("--memory-cap-gib", type=float, default=7.0,
                         help="train.max_memory for the capped runs: under what one whole 4-bit copy needs to train")
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--runs", choices=["all", "capped", "fsdp"], default="all",
-                        help="all; capped: the capped runs alone (DDP refused, fsdp trains); fsdp: the uncapped fsdp runs")
+    parser.add_argument("--runs", choices=["all", "capped", "uncapped", "fsdp"], default="all",
+                        help="all; capped: the capped runs alone (DDP refused, fsdp trains); uncapped: one GPU and the "
+                             "runs without a cap; fsdp: the uncapped fsdp runs")
+    parser.add_argument("--rows-per-step", type=int, default=16,
+                        help="rows an optimizer step, whatever the GPUs (a multiple of 4 divides over 1, 2 and 4)")
     parser.add_argument("--warmup", type=int, default=3, help="steps left out of the tokens/s")
     parser.add_argument("--fused-layers", choices=["auto", "true", "false"], nargs="+", default=["auto"],
                         help="train.fused_layers for the fsdp runs, each in turn (auto leaves them off under fsdp)")
