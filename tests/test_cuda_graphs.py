@@ -32,6 +32,9 @@ def test_graphs_are_blocked_only_where_they_would_compute_otherwise():
     assert graph_blockers(params.train, "cpu", 1, torch.float32, _Model(), False) == ["training runs on the CPU"]
     assert graph_blockers(params.train, "cuda", 1, torch.bfloat16, _Model(), False) == []
     assert graph_blockers(params.train, "cuda", 2, torch.bfloat16, _Model(), False) == []   # DDP: summed after the step
+    fsdp = parse_params(tiny_params(train={"sharding": "fsdp"})).train
+    assert graph_blockers(fsdp, "cuda", 2, torch.bfloat16, _Model(), False) == [
+        "train.sharding is fsdp (FSDP gathers the weights in each pass)"]
     assert graph_blockers(params.train, "cuda", 1, torch.bfloat16, _Model(final_logit_softcapping=30.0), False) == [
         "the model's config sets final_logit_softcapping"]
     assert resolve_pad_multiple(params.train, True) == 64 and resolve_pad_multiple(params.train, False) == 1

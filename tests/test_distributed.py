@@ -253,3 +253,28 @@ def test_training_processes_end_when_the_launcher_is_killed(ran, tmp_path):
     for pid in alive:
         os.kill(pid, signal.SIGKILL)
     assert not alive, f"training processes {alive} outlived their killed launcher"
+
+
+def smallest_in_group(rank: int, port: int, values: list[float], out: Path) -> None:
+    import torch.distributed as dist
+
+    from qlora_pipeline.distributed import smallest_over_processes
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=len(values))
+    try:
+        (out / f"{rank}.txt").write_text(str(smallest_over_processes(values[rank])))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_processes_plan_with_the_smallest_budget_among_them(tmp_path):
+    """Each process reads its own GPU's free memory: they plan with the least of them, so that every process
+    executes the same plan (the same passes, graphs and checkpointing; training.plan_execution)."""
+    import torch.multiprocessing as mp
+
+    from qlora_pipeline.distributed import smallest_over_processes
+    from servers import free_port
+
+    assert smallest_over_processes(7.5) == 7.5   # one process, no group
+    mp.spawn(smallest_in_group, args=(free_port(), [9.0, 6.5], tmp_path), nprocs=2)
+    assert [(tmp_path / f"{rank}.txt").read_text() for rank in (0, 1)] == ["6.5", "6.5"]

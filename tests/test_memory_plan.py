@@ -57,6 +57,17 @@ def test_keys_set_by_hand_win():
     assert chosen.tokens_per_pass == 2 * 1024 and chosen.passes_per_step == 5
 
 
+def test_graphs_set_by_hand_plan_no_checkpointed_layer():
+    """A CUDA graph holds no checkpointed layer: asked for, the plan checkpoints none (auto checkpoints some at 24
+    GiB), and a budget that needs checkpointing says so."""
+    assert plan(24).checkpointed_layers > 0
+    graphed = plan(24, cuda_graphs=True)
+    assert (graphed.cuda_graphs, graphed.checkpointed_layers) == (True, 0) and graphed.peak_mb < 24 * 1024
+    with pytest.raises(PipelineError, match=r"\(the longest row, [\d,]+ tokens, alone in a pass, no layer checkpointed: "
+                                            r"train.cuda_graphs is true\)"):
+        plan(12, cuda_graphs=True)
+
+
 def test_nothing_fits_names_the_key_and_the_least_that_would_do():
     with pytest.raises(PipelineError, match=r"params key 'train.max_memory': 4.0 GiB is less than the \d+\.\d GiB"):
         plan(4)

@@ -144,6 +144,7 @@ class GraphedTrainingPass:
 
     def _capture(self, example_ids, example_boundaries) -> _Captured:
         import torch
+        import torch.distributed as dist
 
         start = time.perf_counter()
         input_ids = torch.zeros_like(example_ids)
@@ -154,7 +155,11 @@ class GraphedTrainingPass:
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         self.stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
+        # With several processes NCCL's watchdog thread queries CUDA events during a capture: "global" mode
+        # would make that an error, so only this thread's calls are checked then.
+        distributed = dist.is_available() and dist.is_initialized()
+        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream,
+                              capture_error_mode="thread_local" if distributed else "global"):
             loss = self.loss(input_ids, labels, num_items, boundaries)
             self._backward_into_buffers(loss)
         torch.cuda.current_stream().wait_stream(self.stream)

@@ -245,6 +245,17 @@ def agree_on_any(value: bool) -> bool:
     return any(everyone)
 
 
+def smallest_over_processes(value: float) -> float:
+    """The smallest of the processes' `value`s, on every process (outside a process group: `value`)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, float(value))
+    return min(everyone)
+
+
 def _read_files(directory: Path) -> dict[str, bytes]:
     return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 

@@ -227,7 +227,12 @@ def plan_step(size: ModelSize, params: TrainParams, quantize: QuantizeParams, ro
             tokens = int(tokens * 1.125) + 1
         budgets.append(most)
         bounds = [(rows_per_process, tokens) for tokens in budgets]
-    if params.gradient_checkpointing == "auto":
+    if shards > 1 and params.cuda_graphs is True:
+        raise PipelineError("params key 'train.cuda_graphs' is true but the model must be sharded over the processes "
+                            "(train.sharding), whose weight gathers a graph cannot hold; set it to auto or false")
+    if params.cuda_graphs is True:   # a graph holds no checkpointed layer (cuda_graphs.py)
+        checkpoint_options = [0]
+    elif params.gradient_checkpointing == "auto":
         checkpoint_options = range(size.layers + 1)
     else:
         checkpoint_options = [size.layers if params.gradient_checkpointing else 0]
@@ -251,10 +256,12 @@ def plan_step(size: ModelSize, params: TrainParams, quantize: QuantizeParams, ro
                                        step_seconds(size, typical_step, passes, layers, graphs, cached_fraction)))
     if not candidates:
         sharded = f", sharded over {shards} processes" if shards > 1 else ""
+        checkpointing = "no layer checkpointed: train.cuda_graphs is true" if params.cuda_graphs is True else (
+            "every layer checkpointed" if max(checkpoint_options) else "no layer checkpointed")
         raise PipelineError(
             f"params key 'train.max_memory': {budget / GIB:.1f} GiB is less than the {smallest / GIB:.1f} GiB that the "
             f"smallest execution of this model and data needs{sharded} (the longest row, {longest_row:,} tokens, "
-            "alone in a pass, every layer checkpointed); give it more, or shorten tokenize.max_length"
+            f"alone in a pass, {checkpointing}); give it more, or shorten tokenize.max_length"
         )
     return min(candidates, key=lambda plan: (round(plan.step_s, 4), plan.peak_mb))
 
