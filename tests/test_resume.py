@@ -96,6 +96,20 @@ def test_killed_train_resumes_to_the_same_adapter(killed, uninterrupted, tmp_pat
     print(f"resumed run: {resumed_seconds:.1f} s")
 
 
+def test_killed_after_its_last_checkpoint_resumes_to_no_more_steps(tokenized, uninterrupted, tmp_path):
+    """Cut off between the checkpoint of its last step and its outputs, the run resumes there with no step left:
+    the uninterrupted run's adapter and step log (the Trainer alone would train a step past max_steps)."""
+    project = copy_project(tokenized, tmp_path / "project")
+    kill_train_after(project, 6)
+    assert not (project / "models/adapter").exists()
+    run_stage(project, "train.py")
+    metrics = json.loads((project / "metrics/train.json").read_text())
+    assert (metrics["steps"], metrics["resumed_from_step"]) == (6, 6)
+    assert step_log(project) == step_log(uninterrupted)
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (project / "models/adapter" / name).read_bytes() == (uninterrupted / "models/adapter" / name).read_bytes()
+
+
 def test_checkpoint_of_other_params_is_refused(killed, tmp_path):
     project = copy_project(killed, tmp_path / "project")
     before = sorted(p.relative_to(project) for p in (project / "checkpoints").rglob("*"))

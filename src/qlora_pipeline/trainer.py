@@ -130,6 +130,10 @@ class RunLog:
                 setattr(self.collator, name, count)
 
 
+class AllStepsDone(Exception):
+    """Raised before a step when the run has none left (see RunLogCallback.on_step_begin)."""
+
+
 def _run_log_callback(run_log: RunLog):
     from transformers import TrainerCallback
 
@@ -139,6 +143,12 @@ def _run_log_callback(run_log: RunLog):
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.start = time.perf_counter()
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            # Resumed from the checkpoint of the run's last step (cut off before its outputs were written): the
+            # Trainer (transformers 5.24) would take one step more, past max_steps, before checking.
+            if state.global_step >= state.max_steps:
+                raise AllStepsDone
 
         def elapsed(self) -> float:
             return run_log.seconds_before + time.perf_counter() - self.start
@@ -377,6 +387,8 @@ def fit(model, tokenizer, train_set, eval_set, params, run, optimizer: str, comp
         print(f"train: resuming from {resume_from}", file=sys.stderr)
     try:
         sft_trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except AllStepsDone:   # the checkpoint's weights and state are loaded: they are the run's result
+        pass
     except torch.OutOfMemoryError as exc:
         exc.qlora_step = sft_trainer.state.global_step - run_log.resumed_from_step
         raise
