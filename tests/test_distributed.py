@@ -269,7 +269,7 @@ def smallest_in_group(rank: int, port: int, values: list[float], out: Path) -> N
 
 def test_processes_plan_with_the_smallest_budget_among_them(tmp_path):
     """Each process reads its own GPU's free memory: they plan with the least of them, so that every process
-    executes the same plan (the same passes, graphs and checkpointing; training.plan_execution)."""
+    executes the same plan (under FSDP, as many passes as the others; training.plan_execution)."""
     import torch.multiprocessing as mp
 
     from qlora_pipeline.distributed import smallest_over_processes

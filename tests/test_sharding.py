@@ -59,11 +59,6 @@ def test_sharded_plans_fit_where_the_whole_model_does_not():
     assert roomy.peak_mb > weights_bytes(LLAMA_8B, params().quantize, True) / 2**20 + roomy.dequantized_cache_mb
 
 
-def test_graphs_set_by_hand_are_refused_where_auto_shards():
-    with pytest.raises(PipelineError, match=r"params key 'train.cuda_graphs' is true but the model must be sharded"):
-        plan(40, shards=2, cuda_graphs=True)
-
-
 def test_each_process_still_loads_the_whole_4bit_model():
     loading = weights_bytes(LLAMA_8B, params().quantize, True) / GIB
     with pytest.raises(PipelineError, match=r"smallest execution of this model and data needs, sharded over 4 "):

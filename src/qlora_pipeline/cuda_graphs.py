@@ -50,17 +50,13 @@ class _Captured:
 
 
 class GraphedTrainingPass:
-    """Forward, loss and backward of one batch, from a CUDA graph per batch shape.
+    """Forward, loss and backward of one batch of a single-process run, from a CUDA graph per batch shape.
 
     Each pass adds its gradients into one set of buffers, allocated once outside the graphs' memory pool, and
     `__call__` leaves each trainable parameter's `.grad` pointing at its buffer: the gradients of several passes
     of an optimizer step add up there, as `loss.backward()` would accumulate them. The first pass of a step
     (every `.grad` is None after the optimizer's zero_grad) clears the buffers. Graphs share one memory pool,
-    so the pool holds one pass's activations whatever the number of shapes.
-
-    With several processes (DDP) the passes run on the model under DDP's wrapper, so DDP's hooks never fire
-    (no collective can be captured in a graph): `sum_over_processes` then adds the processes' gradients after
-    a step's last pass, in one all-reduce over the buffers, which are views of one flat tensor a dtype."""
+    so the pool holds one pass's activations whatever the number of shapes."""
 
     def __init__(self, peft_model, compute_dtype):
         import torch
@@ -69,7 +65,7 @@ class GraphedTrainingPass:
         self.backbone = lm.base_model          # the transformer without its LM head
         self.head = lm.get_output_embeddings()
         self.params = [p for p in peft_model.parameters() if p.requires_grad]
-        self.flat, self.grads = _flat_buffers(self.params)
+        self.grads = [torch.zeros_like(p) for p in self.params]
         self.compute_dtype = compute_dtype
         self.pool = None
         self.stream = torch.cuda.Stream()
@@ -93,14 +89,6 @@ class GraphedTrainingPass:
                 targets.clamp(min=0).reshape(-1), 1.0, _VOCAB_CHUNK, None, 1.0, ("log_probs",),
             )[0]
             return -log_probs.view(trained.shape).masked_fill(~trained, 0).sum() / num_items.clamp(min=1)
-
-    def sum_over_processes(self) -> None:
-        """Each process's buffers become the sum of every process's (DDP's gradient all-reduce, for the
-        loss that each process normalized by the whole step's trained tokens)."""
-        import torch.distributed as dist
-
-        for flat in self.flat:
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
 
     def _backward_into_buffers(self, loss) -> None:
         import torch
@@ -144,7 +132,6 @@ class GraphedTrainingPass:
 
     def _capture(self, example_ids, example_boundaries) -> _Captured:
         import torch
-        import torch.distributed as dist
 
         start = time.perf_counter()
         input_ids = torch.zeros_like(example_ids)
@@ -155,35 +142,12 @@ class GraphedTrainingPass:
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         self.stream.wait_stream(torch.cuda.current_stream())
-        # With several processes NCCL's watchdog thread queries CUDA events during a capture: "global" mode
-        # would make that an error, so only this thread's calls are checked then.
-        distributed = dist.is_available() and dist.is_initialized()
-        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream,
-                              capture_error_mode="thread_local" if distributed else "global"):
+        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
             loss = self.loss(input_ids, labels, num_items, boundaries)
             self._backward_into_buffers(loss)
         torch.cuda.current_stream().wait_stream(self.stream)
         self.capture_seconds += time.perf_counter() - start
         return _Captured(graph, input_ids, labels, num_items, boundaries, loss)
-
-
-def _flat_buffers(params) -> tuple[list, list]:
-    """Zeroed gradient buffers for `params`, each a view of one contiguous tensor per dtype (and device), so that
-    a collective over the gradients is one call a dtype. Returns (the flat tensors, a view per parameter)."""
-    import torch
-
-    groups: dict = {}
-    for index, param in enumerate(params):
-        groups.setdefault((param.dtype, param.device), []).append(index)
-    flat, views = [], [None] * len(params)
-    for (dtype, device), indices in groups.items():
-        buffer = torch.zeros(sum(params[i].numel() for i in indices), dtype=dtype, device=device)
-        offset = 0
-        for i in indices:
-            views[i] = buffer[offset:offset + params[i].numel()].view_as(params[i])
-            offset += params[i].numel()
-        flat.append(buffer)
-    return flat, views
 
 
 def _static_boundaries(boundaries: dict, tokens: int) -> dict:

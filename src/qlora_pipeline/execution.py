@@ -90,7 +90,7 @@ def graph_blockers(params: TrainParams, device: str, num_processes: int, compute
     model_problem = unsupported_model(model)
     reasons = [
         (device != "cuda", "training runs on the CPU"),
-        (params.sharding == "fsdp" and num_processes > 1, "train.sharding is fsdp (FSDP gathers the weights in each pass)"),
+        (num_processes > 1, "train.num_processes > 1 (each process's gradients are all-reduced outside a graph)"),
         (params.token_metrics, "train.token_metrics is on (its metrics are computed outside the pass)"),
         (compute_dtype == torch.float16, "float16 compute needs loss scaling"),
         (packing and varlen_attention() is None, "packed attention needs torch's varlen_attn on the GPU to be captured"),

@@ -227,9 +227,6 @@ def plan_step(size: ModelSize, params: TrainParams, quantize: QuantizeParams, ro
             tokens = int(tokens * 1.125) + 1
         budgets.append(most)
         bounds = [(rows_per_process, tokens) for tokens in budgets]
-    if shards > 1 and params.cuda_graphs is True:
-        raise PipelineError("params key 'train.cuda_graphs' is true but the model must be sharded over the processes "
-                            "(train.sharding), whose weight gathers a graph cannot hold; set it to auto or false")
     if params.cuda_graphs is True:   # a graph holds no checkpointed layer (cuda_graphs.py)
         checkpoint_options = [0]
     elif params.gradient_checkpointing == "auto":

@@ -210,29 +210,18 @@ def sft_trainer_class(collator: TokenCountingCollator, token_metrics: bool):
             # The loss of each pass is normalized by the step's trained tokens, so the passes' gradients add up
             # to the step's gradient; in a distributed run only the last pass all-reduces them.
             loss = 0
-            if self.graphed is not None:
-                return self._graphed_step(model, passes, num_items_in_batch)
             for index, pass_inputs in enumerate(passes):
+                if self.graphed is not None:   # one process (execution.graph_blockers)
+                    model.train()
+                    pass_inputs = self._prepare_inputs(pass_inputs)
+                    boundaries = {key: pass_inputs[key] for key in BOUNDARY_KEYS if key in pass_inputs}
+                    loss = loss + self.graphed(pass_inputs["input_ids"], pass_inputs["labels"], num_items_in_batch,
+                                               boundaries)
+                    continue
                 last = index == len(passes) - 1
                 with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
                     loss = loss + super().training_step(model, pass_inputs, num_items_in_batch)
             return loss
-
-        def _graphed_step(self, model, passes, num_items_in_batch):
-            """The step's passes replayed from CUDA graphs; with several processes, their gradients summed
-            after the last pass (the graphs compute each process's share of the step's loss: the sum is the
-            step's gradient, as DDP's average of the eager passes' losses times the processes is)."""
-            model.train()
-            loss = 0
-            for pass_inputs in passes:
-                pass_inputs = self._prepare_inputs(pass_inputs)
-                boundaries = {key: pass_inputs[key] for key in BOUNDARY_KEYS if key in pass_inputs}
-                loss = loss + self.graphed(pass_inputs["input_ids"], pass_inputs["labels"], num_items_in_batch,
-                                           boundaries)
-            if self.accelerator.num_processes > 1:
-                self.graphed.sum_over_processes()
-            # The loss each process reports, as compute_loss reports it (the Trainer logs the processes' mean).
-            return loss * self.accelerator.num_processes
 
         def evaluate(self, *args, **kwargs):
             # Held-out batches go through the same collator: their counts are not training's.

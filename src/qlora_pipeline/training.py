@@ -218,9 +218,8 @@ def plan_execution(model_dir, lora, quantize, params: TrainParams, device: str, 
         raise PipelineError(f"params key 'train.cuda_graphs' is true but {blockers[0]}")
     if params.cuda_graphs is True and params.gradient_checkpointing is True:
         raise PipelineError("params key 'train.cuda_graphs' is true but train.gradient_checkpointing is on")
-    # Every process plans with the smallest budget among them, so all execute the same plan: passes, graphs and
-    # checkpointing must match across processes (graphed passes sum their gradients in one all-reduce where
-    # DDP's hooks make several; FSDP gathers the weights in every pass).
+    # Every process plans with the smallest budget among them, so all execute the same plan: under FSDP every
+    # process must run as many passes as the others (each pass gathers the weights together).
     budget = distributed.smallest_over_processes(memory_plan.memory_budget(params.max_memory, local_rank))
     eight_bit = execution.resolve_optimizer(params.optim, device, size.lora_params) == "adamw_8bit"
 
