@@ -234,26 +234,25 @@ def refuse_differences(params: dict[str, Any], inputs: dict[str, Path]) -> None:
                 )
 
 
-def agree_on_any(value: bool) -> bool:
-    """True on every process when `value` is true on any (outside a process group: `value`)."""
+def _everyones(value: Any) -> list:
+    """Every process's `value`, on every process (outside a process group: this one's alone)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
-        return value
+        return [value]
     everyone: list = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, bool(value))
-    return any(everyone)
+    dist.all_gather_object(everyone, value)
+    return everyone
+
+
+def agree_on_any(value: bool) -> bool:
+    """True on every process when `value` is true on any."""
+    return any(_everyones(bool(value)))
 
 
 def smallest_over_processes(value: float) -> float:
-    """The smallest of the processes' `value`s, on every process (outside a process group: `value`)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return value
-    everyone: list = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, float(value))
-    return min(everyone)
+    """The smallest of the processes' `value`s, on every process."""
+    return min(_everyones(float(value)))
 
 
 def _read_files(directory: Path) -> dict[str, bytes]:
