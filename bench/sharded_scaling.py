@@ -75,6 +75,11 @@ def failure(stderr: str) -> str:
     return (lines[-1] + (f" ({raised[-1]})" if raised and raised[-1] != lines[-1] else ""))[:600]
 
 
+def uninterrupted(project: Path, sharding: str, gpus: int, cap: float | None, fused_layers: str) -> Path:
+    """Where train_once keeps a finished run's adapter and step log, for the resume check."""
+    return project.parent / f"uninterrupted-{sharding}-{gpus}-{cap or 'nocap'}-{fused_layers}"
+
+
 def train_once(project: Path, params: dict, sharding: str, gpus: int, cap: float | None, warmup: int,
                fused_layers: str = "auto") -> dict:
     write_params(project, train_params(params, sharding, gpus, cap, fused_layers))
@@ -87,7 +92,7 @@ def train_once(project: Path, params: dict, sharding: str, gpus: int, cap: float
         result["error"] = failure(child.stderr)
         return result
     # Kept for the resume check: what the same run gives uninterrupted.
-    kept = project.parent / f"uninterrupted-{sharding}-{gpus}-{cap or 'nocap'}-{fused_layers}"
+    kept = uninterrupted(project, sharding, gpus, cap, fused_layers)
     shutil.rmtree(kept, ignore_errors=True)
     shutil.copytree(project / "models/adapter", kept / "adapter")
     shutil.copy(project / "metrics/train_log.csv", kept)
@@ -133,14 +138,14 @@ def resume_check(project: Path, params: dict, gpus: int, fused_layers: str, kill
     rerun = subprocess.run([sys.executable, "stages/train.py"], cwd=project, capture_output=True, text=True)
     if rerun.returncode:
         return {**result, "error": failure(rerun.stderr)}
-    uninterrupted = project.parent / f"uninterrupted-{sharding}-{gpus}-nocap-{fused_layers}"
-    expected, resumed = losses(uninterrupted / "train_log.csv"), losses(project / "metrics/train_log.csv")
+    kept = uninterrupted(project, sharding, gpus, None, fused_layers)
+    expected, resumed = losses(kept / "train_log.csv"), losses(project / "metrics/train_log.csv")
     return {**result, "error": None,
             "resumed_from_step": json.loads((project / "metrics/train.json").read_text())["resumed_from_step"],
             # Steps up to the kill come from the killed run's log: their differences are the GPUs' run-to-run ones.
             "loss_difference_by_step": {s: round(resumed[s] - expected[s], 6) for s in sorted(resumed)},
             "max_loss_difference": max(abs(expected[s] - resumed[s]) for s in resumed),
-            "max_adapter_difference": adapter_difference(uninterrupted / "adapter", project / "models/adapter")}
+            "max_adapter_difference": adapter_difference(kept / "adapter", project / "models/adapter")}
 
 
 def main(args: argparse.Namespace) -> None:

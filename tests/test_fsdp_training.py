@@ -85,12 +85,13 @@ def sharded_step(rank: int, port: int, model_dir, out, fused: bool, cache_mb: fl
 
     import torch.distributed.fsdp as fsdp
 
-    from qlora_pipeline.trainer import _fsdp_options, decoder_layers, gather_head_for_fused_loss, shard_decoder_layers
+    from qlora_pipeline.speedups import decoder_layers
+    from qlora_pipeline.trainer import _fsdp_options, gather_head_for_fused_loss, shard_decoder_layers
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
         model, run = lora_model(model_dir, "fsdp", fused, cache_mb)
-        config = SFTConfig(output_dir=str(out / f"trainer-{rank}"), use_cpu=True, report_to="none", **_fsdp_options(model, run))
+        config = SFTConfig(output_dir=str(out / f"trainer-{rank}"), use_cpu=True, report_to="none", **_fsdp_options(run))
         plugin = FullyShardedDataParallelPlugin(**config.fsdp_plugin_args)
         plugin.mixed_precision_policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)   # as trainer.fit sets it
         accelerator = Accelerator(cpu=True)

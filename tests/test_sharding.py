@@ -17,7 +17,7 @@ from qlora_pipeline.config import parse_params
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.execution import Execution, refuse_sharding, resolve_sharding, uses_fused_layers
 from qlora_pipeline.memory_plan import (GIB, lora_bytes, longest_pass_tokens, plan_step, sharded_bytes,
-                                        shapes_only_model, weights_bytes)
+                                        weights_bytes)
 
 from helpers import tiny_params
 from test_memory_plan import LLAMA_8B, ROWS
@@ -98,24 +98,19 @@ def test_fsdp_is_refused_where_it_cannot_run():
 def test_the_trainer_gets_fsdp2_settings(tmp_path):
     from trl import SFTConfig
 
-    from qlora_pipeline.config import ModelParams
-    from qlora_pipeline.sources import fetch_model
     from qlora_pipeline.trainer import _fsdp_options
-
-    fetch_model(ModelParams("random", "tiny-llama", "main", False, False), 0, tmp_path / "llama")
-    model = shapes_only_model(tmp_path / "llama")
 
     def execution(sharding, checkpointed):
         return Execution(4, 2, 100.0, False, False, checkpointed, 0.0, 1, "planned", None, sharding)
 
-    assert _fsdp_options(model, execution("none", 0)) == {}
-    options = _fsdp_options(model, execution("fsdp", 2))
+    assert _fsdp_options(execution("none", 0)) == {}
+    options = _fsdp_options(execution("fsdp", 2))
     config = SFTConfig(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none", gradient_checkpointing=False,
                        **options)
     assert config.fsdp_plugin_args == {
         # The decoder layers are sharded before the Trainer's accelerate shards the rest (test_fsdp_training.py).
-        "fsdp_version": 2, "auto_wrap_policy": "NO_WRAP", "cpu_ram_efficient_loading": False, "state_dict_type": "FULL_STATE_DICT", "activation_checkpointing": False,
-        "reshard_after_forward": True,
+        "fsdp_version": 2, "auto_wrap_policy": "NO_WRAP", "cpu_ram_efficient_loading": False,
+        "state_dict_type": "FULL_STATE_DICT", "activation_checkpointing": False, "reshard_after_forward": True,
     }
 
 

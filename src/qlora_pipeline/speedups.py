@@ -63,17 +63,22 @@ def keep_4bit_layers_trainable(model) -> int:
     return len(layers)
 
 
+def decoder_layers(model) -> list:
+    """The model's decoder layers, in order (transformers marks each as a GradientCheckpointingLayer)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
 def checkpoint_layers(model, count: int) -> int:
     """Recompute the activations of the first `count` decoder layers in the backward pass instead of keeping
     them (non-reentrant checkpointing, which keeps dropout masks by restoring the RNG state). Every layer
     holds the same activations, so which ones does not matter for memory. Returns how many layers are
     checkpointed."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
     if not count:
         return 0
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    layers = decoder_layers(model)
     for index, layer in enumerate(layers):
         layer.gradient_checkpointing = index < count
     return min(count, len(layers))

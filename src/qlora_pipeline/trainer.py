@@ -347,7 +347,7 @@ def fit(model, tokenizer, train_set, eval_set, params, run, optimizer: str, comp
         # CPU wait for every queued kernel first, so it could never prepare the next step during this one.
         dataloader_pin_memory=device == "cuda",
         accelerator_config={"non_blocking": device == "cuda"},
-        **_fsdp_options(model, run),
+        **_fsdp_options(run),
     )
     sft_trainer = sft_trainer_class(collator, params.token_metrics)(
         model=model,
@@ -430,10 +430,9 @@ def fsdp_mixed_precision():
     return MixedPrecisionPolicy(reduce_dtype=torch.float32)
 
 
-def decoder_layers(model) -> list:
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+# A layer's gathered weights are freed after its forward and gathered again for its backward: one layer's whole
+# weights at a time instead of every layer's.
+RESHARD_AFTER_FORWARD = True
 
 
 def shard_decoder_layers(model) -> int:
@@ -447,18 +446,15 @@ def shard_decoder_layers(model) -> int:
     (bench/results/sharded_scaling-2026-11-29T0104-2xNVIDIA_H200.json)."""
     from torch.distributed.fsdp import fully_shard
 
+    from qlora_pipeline.speedups import decoder_layers
+
     layers = decoder_layers(model)
     for layer in layers:
         fully_shard(layer, reshard_after_forward=RESHARD_AFTER_FORWARD, mp_policy=fsdp_mixed_precision())
     return len(layers)
 
 
-# A layer's gathered weights are freed after its forward and gathered again for its backward: one layer's whole
-# weights at a time instead of every layer's.
-RESHARD_AFTER_FORWARD = True
-
-
-def _fsdp_options(model, run) -> dict[str, Any]:
+def _fsdp_options(run) -> dict[str, Any]:
     """The Trainer's FSDP settings for a sharded run (accelerate's FSDP2 plugin): each decoder layer a unit,
     resharded after its forward; checkpoints hold the whole adapter and optimizer state, written by the first
     process (FULL_STATE_DICT: no shared filesystem needed between machines). Not FSDP's activation
