@@ -10,7 +10,10 @@ hashes of code that did not run.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
+import importlib.abc
+import importlib.util
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -25,6 +28,59 @@ sys.path.insert(0, str(SRC))
 # passes over them while they load, a fifth of the import time (0.9 of 4.6 s on a 2-core CPU, measured). Every
 # 10,000 allocations leaves no full pass during the imports and still collects cyclic garbage.
 gc.set_threshold(10_000, 10, 10)
+
+
+class _CompileOnFirstCallWhileImporting(importlib.abc.MetaPathFinder):
+    """While bitsandbytes is first imported (by whichever library asks for it first), torch.compile(fn) gives a
+    function that calls torch.compile(fn) the first time it is called, then what that returned.
+
+    Why: bitsandbytes decorates its CPU fallback kernels with torch.compile when imported, and torch.compile
+    imports its whole compiler (torch._inductor) before it returns: ~1 s of each model stage's start-up on a
+    2-core CPU (bench/NOTES.md), for kernels a GPU run never calls. torch.compile compiles on the first call
+    anyway, so what runs and when it is compiled stay the same; only the compiler's import moves to that call."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "bitsandbytes":
+            return None
+        sys.meta_path.remove(self)   # once; and the lookup below must not come back here
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None:
+            execute = spec.loader.exec_module
+
+            def exec_module(module):
+                import torch
+
+                compile_now = torch.compile
+                torch.compile = _compile_on_first_call(compile_now)
+                try:
+                    execute(module)
+                finally:
+                    torch.compile = compile_now
+
+            spec.loader.exec_module = exec_module
+        return spec
+
+
+def _compile_on_first_call(compile_now: Callable) -> Callable:
+    def compile_later(function=None, **options):
+        if function is None:   # used as @torch.compile(dynamic=False)
+            return functools.partial(compile_later, **options)
+        compiled = None
+
+        @functools.wraps(function)
+        def call(*args, **kwargs):
+            nonlocal compiled
+            if compiled is None:
+                compiled = compile_now(function, **options)
+            return compiled(*args, **kwargs)
+
+        return call
+
+    return compile_later
+
+
+if "bitsandbytes" not in sys.modules:
+    sys.meta_path.insert(0, _CompileOnFirstCallWhileImporting())
 
 
 def run(main: Callable[..., None], doc: str, writes: Sequence[str | Path] = (), *, params_option: bool = False,

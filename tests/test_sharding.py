@@ -59,10 +59,30 @@ def test_sharded_plans_fit_where_the_whole_model_does_not():
     assert roomy.peak_mb > weights_bytes(LLAMA_8B, params().quantize, True) / 2**20 + roomy.dequantized_cache_mb
 
 
-def test_each_process_still_loads_the_whole_4bit_model():
-    loading = weights_bytes(LLAMA_8B, params().quantize, True) / GIB
+def test_a_model_that_does_not_fit_one_gpu_is_loaded_on_the_cpu():
+    """Each process loads the whole 4-bit model on its GPU before sharding it where that fits (the fastest start);
+    where it does not, on the CPU, and FSDP moves each layer to the GPU as it shards it: the GPU then holds the
+    shards and one whole layer, less than the step needs anyway. No dequantized cache then (a whole copy a process)."""
+    whole = weights_bytes(LLAMA_8B, params().quantize, True) / GIB   # 4.9 GiB
+    on_gpu = plan(whole + 2, shards=4)
+    assert not on_gpu.loads_on_cpu and on_gpu.dequantized_cache_mb > 0
+    on_cpu = plan(5.5, shards=4)   # the step planned at 5.1 GiB: the whole model and the margin do not fit
+    assert on_cpu.loads_on_cpu and on_cpu.dequantized_cache_mb == 0 and on_cpu.peak_mb < 5.5 * 1024
+    assert on_cpu.describe().endswith(", loaded on the CPU and moved to the GPU a layer at a time")
+    assert "loaded on the CPU" not in on_gpu.describe()
+    # The sharded step itself must still fit.
     with pytest.raises(PipelineError, match=r"smallest execution of this model and data needs, sharded over 4 "):
-        plan(loading, shards=4)
+        plan(2, shards=4)
+
+
+def test_loading_on_the_cpu_is_refused_beyond_the_hosts_memory():
+    from qlora_pipeline.training import _refuse_loading_beyond_host_memory
+
+    _refuse_loading_beyond_host_memory(2**20, 2, 7 * GIB)
+    with pytest.raises(PipelineError, match=r"^params key 'train.max_memory': the whole model does not fit a GPU's "
+                                            r"7.0 GiB, so each of this machine's 2 processes loads it on the CPU first "
+                                            r"\(65536.0 GiB together\), but the host has [\d.]+ GiB available"):
+        _refuse_loading_beyond_host_memory(2**45, 2, 7 * GIB)
 
 
 def test_auto_shards_only_when_the_whole_model_does_not_fit():

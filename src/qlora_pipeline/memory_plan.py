@@ -65,13 +65,15 @@ class Plan:
     dequantized_cache_mb: float
     peak_mb: float              # estimated peak GPU memory
     step_s: float               # estimated time of an optimizer step (for ranking plans only)
+    loads_on_cpu: bool = False  # FSDP: the 4-bit model is loaded on the CPU, each layer moved to the GPU as it is sharded
 
     def describe(self) -> str:
         checkpointing = ("no" if not self.checkpointed_layers else f"{self.checkpointed_layers} layers'")
+        loading = ", loaded on the CPU and moved to the GPU a layer at a time" if self.loads_on_cpu else ""
         return (f"passes of up to {self.tokens_per_pass:,} tokens and {self.rows_per_pass} rows "
                 f"({self.passes_per_step:.2f} a step on average), {checkpointing} activation checkpointing, "
                 f"CUDA graphs {'on' if self.cuda_graphs else 'off'}, dequantized-weight cache "
-                f"{self.dequantized_cache_mb:,.0f} MiB, estimated peak {self.peak_mb / 1024:.1f} GiB")
+                f"{self.dequantized_cache_mb:,.0f} MiB, estimated peak {self.peak_mb / 1024:.1f} GiB{loading}")
 
 
 def model_size(model, lora: LoraParams) -> ModelSize:
@@ -198,20 +200,27 @@ def plan_step(size: ModelSize, params: TrainParams, quantize: QuantizeParams, ro
     layer_bytes: what a token keeps in a layer that is not checkpointed (layer_activation_bytes; None: peft's modules).
 
     shards > 1: the weights and LoRA states sharded over that many processes by FSDP (sharded_bytes). Each
-    process still loads the whole 4-bit model before it is sharded (accelerate 1.15 skips its low-memory loading
-    for 4-bit weights), so that must fit too. Every process must run as many passes as the others (each pass
+    process loads the whole model on its GPU before sharding it, where that fits (accelerate 1.15 skips its
+    low-memory loading for 4-bit weights); where it does not, on the CPU, each layer then moved to the GPU as
+    it is sharded (loads_on_cpu: slower to start, as bitsandbytes quantizes on the CPU, and the host holds a
+    whole model for each process while loading), so that the GPU holds the shards and one whole layer at most. Every process must run as many passes as the others (each pass
     gathers the weights together), so passes hold a fixed number of rows and the token bound is what those
     rows can reach; no CUDA graphs. A dequantized cache is a whole copy on every process (made before the
-    weights are sharded, so it counts beside the loading too): only the memory the sharded step leaves."""
+    weights are sharded, so it counts beside the loading too): only the memory the sharded step leaves, and
+    on `auto` none when loading on the CPU (the whole model did not fit in 4 bit; dequantized, it is 4 times that)."""
     upcast = params.upcast_non_quantized
+    usable = budget * (1 - MARGIN_FRACTION) - MARGIN_BYTES
+    loads_on_cpu = False
     if shards > 1:
         fixed = sharded_bytes(size, quantize, upcast, eight_bit_optimizer, shards)
         loading = weights_bytes(size, quantize, upcast)
+        loads_on_cpu = loading > usable
+        if loads_on_cpu:   # the shards so far and one whole layer: less than the step's own `fixed`
+            loading = 0.0
         graphs_allowed = False
     else:
         fixed = weights_bytes(size, quantize, upcast) + lora_bytes(size, eight_bit_optimizer)
         loading = 0.0
-    usable = budget * (1 - MARGIN_FRACTION) - MARGIN_BYTES
     longest_row = max(row_lengths)
     if params.micro_batch_size != "auto":
         rows = min(params.micro_batch_size, rows_per_process)
@@ -246,11 +255,12 @@ def plan_step(size: ModelSize, params: TrainParams, quantize: QuantizeParams, ro
                 passes = mean_passes(row_lengths, rows_per_process, tokens, rows, packing)
             graph_options = [graphs_allowed and layers == 0] if params.cuda_graphs == "auto" else [bool(params.cuda_graphs)]
             for graphs in graph_options:
-                cache = _cache_mb(size, quantize, params, usable - need)
+                cache = _cache_mb(size, quantize, params, 0.0 if loads_on_cpu else usable - need)
                 cached_fraction = min(1.0, cache * MIB / max(size.linear_params * 2, 1))
                 candidates.append(Plan(rows, tokens, round(passes, 2), layers, graphs, cache,
                                        round((need + cache * MIB) / MIB, 1),
-                                       step_seconds(size, typical_step, passes, layers, graphs, cached_fraction)))
+                                       step_seconds(size, typical_step, passes, layers, graphs, cached_fraction),
+                                       loads_on_cpu))
     if not candidates:
         sharded = f", sharded over {shards} processes" if shards > 1 else ""
         checkpointing = "no layer checkpointed: train.cuda_graphs is true" if params.cuda_graphs is True else (

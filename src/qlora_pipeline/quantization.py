@@ -69,16 +69,18 @@ def bnb_config(quantize: QuantizeParams, compute_dtype, quant_storage=None):
     )
 
 
-def load_model(model_dir: str | Path, quantize: QuantizeParams, device: str, dtype, quant_storage=None):
+def load_model(model_dir: str | Path, quantize: QuantizeParams, device: str, dtype, quant_storage=None,
+               load_device: str | None = None):
     """The base model, in 4 bit if `quantize.load_in_4bit` (packed into `quant_storage`, see bnb_config), its other
-    parameters in `dtype`, on `device`."""
+    parameters in `dtype`, for `device` (its 4-bit compute dtype); loaded and quantized on `load_device` (default:
+    `device`; a sharded run may load on the CPU and move the layers to the GPU one at a time)."""
     from transformers import AutoModelForCausalLM
 
     # No model code runs: config.py refuses model.trust_remote_code, and only safetensors weights load.
     kwargs: dict[str, Any] = dict(dtype=dtype, use_safetensors=True, trust_remote_code=False)
     if quantize.load_in_4bit:
         kwargs["quantization_config"] = bnb_config(quantize, resolve_compute_dtype(quantize, device), quant_storage)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, device_map={"": device}, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, device_map={"": load_device or device}, **kwargs)
     return model
 
 

@@ -438,7 +438,9 @@ RESHARD_AFTER_FORWARD = True
 def shard_decoder_layers(model) -> int:
     """Shard the decoder layers (the FSDP units _fsdp_options names) one after the other, each freeing its whole
     weights as it goes; the Trainer's accelerate then shards the rest (embeddings, head, root) and leaves these as
-    they are. Returns how many layers were sharded.
+    they are. Returns how many layers were sharded. A model loaded on the CPU (memory_plan: loads_on_cpu) has each
+    layer moved to this process's GPU by fully_shard itself as it shards it (bitsandbytes' Params4bit.to moves the
+    quantization state with the packed weight): the GPU holds the shards so far and one whole layer.
 
     Why not leave them to accelerate: its fsdp2_prepare_model holds the model's whole state dict while it shards
     (for a low-memory loading it skips for 4-bit weights), so every process held the whole model and all its shards

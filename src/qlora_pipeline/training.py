@@ -134,7 +134,9 @@ def prepare_model(model_dir, quantize: QuantizeParams, lora: LoraParams, params:
     # FSDP shards only floating-point tensors: the packed 4-bit weights are stored as bfloat16 then (the same
     # bytes; accelerate would otherwise leave uint8 ones whole on every process).
     storage = torch.bfloat16 if run.sharding == "fsdp" else None
-    model = load_model(model_dir, quantize, placement, compute_dtype, quant_storage=storage)
+    # Where the whole model does not fit the GPU, FSDP moves each layer there as it shards it (trainer.shard_decoder_layers).
+    load_device = "cpu" if run.plan is not None and run.plan.loads_on_cpu else placement
+    model = load_model(model_dir, quantize, placement, compute_dtype, quant_storage=storage, load_device=load_device)
     if params.fused_activation:
         speedups.fuse_activations(model)
     if quantize.load_in_4bit:
@@ -230,8 +232,30 @@ def plan_execution(model_dir, lora, quantize, params: TrainParams, device: str, 
                                      graphs_allowed=not blockers, shards=shards, layer_bytes=layer_bytes)
 
     sharding, plan = execution.resolve_sharding(params, num_processes, plan_for)
+    if plan.loads_on_cpu:
+        _refuse_loading_beyond_host_memory(memory_plan.weights_bytes(size, quantize, params.upcast_non_quantized),
+                                           params.num_processes, budget)
     return execution.gpu_execution(params, plan, rows, packing, budget,
                                    execution.uses_fused_layers(params, quantize, sharding, device), sharding)
+
+
+def _refuse_loading_beyond_host_memory(model_bytes: float, processes_here: int, budget: float) -> None:
+    """A sharded run loading on the CPU holds a whole model in host memory in each of this machine's processes
+    until its layers are on the GPU: one line where the host has not that much available (Linux's MemAvailable),
+    instead of a process killed for memory halfway."""
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+    except OSError:   # not Linux: nothing to check against
+        return
+    available = next(int(line.split()[1]) * 1024 for line in meminfo.splitlines() if line.startswith("MemAvailable:"))
+    needed = model_bytes * processes_here
+    if needed > available:
+        raise PipelineError(
+            f"params key 'train.max_memory': the whole model does not fit a GPU's {budget / 2**30:.1f} GiB, so each of "
+            f"this machine's {processes_here} processes loads it on the CPU first ({needed / 2**30:.1f} GiB together), "
+            f"but the host has {available / 2**30:.1f} GiB available; use fewer processes a machine (train.num_processes) "
+            "or GPUs with more memory"
+        )
 
 
 def _smaller_execution(run: execution.Execution, exc: BaseException, params: TrainParams, model_dir, lora,
