@@ -16,12 +16,6 @@ included) must stay under the cap. Per GPU count:
     1 GPU:   none, no cap                      (the reference)
     N GPUs:  none under the cap, fsdp under the cap, none and fsdp with no cap
 
---share-one-gpu: a memory check for a machine with one GPU, not a benchmark of speed. The N processes of a run all
-use GPU 0: every Python process the stage starts loads a sitecustomize (written by this script) that gives each
-process LOCAL_RANK 0, lets the stage's check of GPUs against processes pass, and makes the process group gloo
-(NCCL refuses two processes on one GPU; gloo passes FSDP's collectives through host memory). Each process's
-allocator is its own, so its peak is what it would hold on a GPU of its own; tokens/s are not reported.
-
 Throughput: real (non-padding) tokens per second over the steps after --warmup, from metrics/train_log.csv.
 Writes bench/results/sharded_scaling-<UTC time>-<gpus>.json with keys gpu, model {shape, parameters}, results:
 [{sharding, gpus, memory_cap_gib, real_tokens_per_s, peak_allocated_mb, error, ...}], and each run's line to
@@ -154,31 +148,6 @@ def resume_check(project: Path, params: dict, gpus: int, fused_layers: str, kill
             "max_adapter_difference": adapter_difference(kept / "adapter", project / "models/adapter")}
 
 
-SHARED_GPU_SITECUSTOMIZE = """\
-# Written by bench/sharded_scaling.py --share-one-gpu: every process of the stage on GPU 0 (see its docstring).
-import os
-
-if os.environ.get("QLORA_BENCH_SHARED_GPU"):
-    import torch
-    import torch.distributed as dist
-
-    torch.cuda.device_count = lambda: 64
-    if "LOCAL_RANK" in os.environ:
-        os.environ["LOCAL_RANK"] = "0"
-    _init_process_group = dist.init_process_group
-    dist.init_process_group = lambda backend=None, *args, **kwargs: _init_process_group("gloo", *args, **kwargs)
-"""
-
-
-def share_one_gpu(work: Path) -> None:
-    """From now on, the stage's processes (children of this one) all run on GPU 0 (--share-one-gpu)."""
-    site = work / "shared-gpu-site"
-    site.mkdir(parents=True, exist_ok=True)
-    (site / "sitecustomize.py").write_text(SHARED_GPU_SITECUSTOMIZE)
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(site), *filter(None, [os.environ.get("PYTHONPATH")])])
-    os.environ["QLORA_BENCH_SHARED_GPU"] = "1"
-
-
 def main(args: argparse.Namespace) -> None:
     import torch
 
@@ -202,17 +171,13 @@ def main(args: argparse.Namespace) -> None:
                            log_every_steps=1, checkpoint_every_steps=0, eval_every_steps=0, device="cuda")
 
     available = torch.cuda.device_count()
-    gpu_counts = [n for n in args.gpus if n <= available or args.share_one_gpu]
-    if args.share_one_gpu:
-        share_one_gpu(work)
+    gpu_counts = [n for n in args.gpus if n <= available]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     partial = out / "sharded_scaling-partial.jsonl"
     results = []
     for sharding, gpus, cap, fused in runs(gpu_counts, args.memory_cap_gib, args.runs, args.fused_layers):
         result = train_once(project, params, sharding, gpus, cap, args.warmup, fused)
-        if args.share_one_gpu:   # processes taking turns on one GPU, collectives through the host: not a speed
-            result.update(real_tokens_per_s=None, shared_one_gpu=True)
         results.append(result)
         with partial.open("a") as fh:
             fh.write(json.dumps({"shape": args.shape, **result}) + "\n")
@@ -238,11 +203,10 @@ def main(args: argparse.Namespace) -> None:
         "benchmark": "sharded_scaling", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "gpu": gpu, "model": {"shape": args.shape, "parameters": parameters}, "rows_per_step": args.rows_per_step,
         "steps": args.steps, "warmup_steps": args.warmup, "versions": _versions(), "results": results,
-        "resume_check": resume, "shared_one_gpu": args.share_one_gpu,
+        "resume_check": resume,
     }
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H%M")
-    machine = f"1x{gpu.replace(' ', '_')}-shared" if args.share_one_gpu else f"{max(gpu_counts)}x{gpu.replace(' ', '_')}"
-    path = out / f"sharded_scaling-{stamp}-{machine}.json"
+    path = out / f"sharded_scaling-{stamp}-{max(gpu_counts)}x{gpu.replace(' ', '_')}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {path}")
 
@@ -268,8 +232,6 @@ if __name__ == "__main__":
                         help="train.fused_layers for the fsdp runs, each in turn (auto leaves them off under fsdp)")
     parser.add_argument("--resume-check", action="store_true",
                         help="then kill the fsdp run (the last --fused-layers, no cap) half way and run it again")
-    parser.add_argument("--share-one-gpu", action="store_true",
-                        help="run each run's processes all on GPU 0 (gloo): per-process memory only, no speed")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--work", default="/tmp/qlora-sharded")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
