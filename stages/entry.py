@@ -36,42 +36,66 @@ class _CompileOnFirstCallWhileImporting(importlib.abc.MetaPathFinder):
 
     Why: bitsandbytes decorates its CPU fallback kernels with torch.compile when imported, and torch.compile
     imports its whole compiler (torch._inductor) before it returns: ~1 s of each model stage's start-up on a
-    2-core CPU (bench/NOTES.md), for kernels a GPU run never calls. torch.compile compiles on the first call
-    anyway, so what runs and when it is compiled stay the same; only the compiler's import moves to that call."""
+    2-core CPU, 1 to 2 s on a GPU machine (bench/NOTES.md), for kernels a GPU run never calls. torch.compile
+    compiles on the first call anyway, so what runs and when it is compiled stay the same; only the compiler's
+    import moves to that call. The finder stays until bitsandbytes' code runs: libraries look it up first only
+    to see whether it is installed (importlib.util.find_spec)."""
+
+    def __init__(self):
+        self.looking = False
 
     def find_spec(self, name, path=None, target=None):
-        if name != "bitsandbytes":
+        if name != "bitsandbytes" or self.looking:
             return None
-        sys.meta_path.remove(self)   # once; and the lookup below must not come back here
-        spec = importlib.util.find_spec(name)
+        self.looking = True   # the lookup below asks the finders again, this one too
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            self.looking = False
         if spec is not None and spec.loader is not None:
-            execute = spec.loader.exec_module
-
-            def exec_module(module):
-                import torch
-
-                compile_now = torch.compile
-                torch.compile = _compile_on_first_call(compile_now)
-                try:
-                    execute(module)
-                finally:
-                    torch.compile = compile_now
-
-            spec.loader.exec_module = exec_module
+            spec.loader = _LoaderCompilingOnFirstCall(spec.loader, self)
         return spec
 
 
+class _LoaderCompilingOnFirstCall(importlib.abc.Loader):
+    """bitsandbytes' own loader, its module executed with torch.compile made lazy (above)."""
+
+    def __init__(self, loader, finder):
+        self.loader, self.finder = loader, finder
+
+    def __getattr__(self, name):   # resources, is_package, ...: the loader's own
+        return getattr(self.loader, name)
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        import torch
+
+        if self.finder in sys.meta_path:
+            sys.meta_path.remove(self.finder)
+        compile_now = torch.compile
+        torch.compile = _compile_on_first_call(compile_now)
+        try:
+            self.loader.exec_module(module)
+        finally:
+            torch.compile = compile_now
+
+
 def _compile_on_first_call(compile_now: Callable) -> Callable:
-    def compile_later(function=None, **options):
-        if function is None:   # used as @torch.compile(dynamic=False)
+    def compile_later(model=None, **options):
+        if model is None:   # used as @torch.compile(dynamic=False)
             return functools.partial(compile_later, **options)
         compiled = None
 
-        @functools.wraps(function)
+        @functools.wraps(model)
         def call(*args, **kwargs):
             nonlocal compiled
             if compiled is None:
-                compiled = compile_now(function, **options)
+                try:
+                    compiled = compile_now(model, **options)
+                except Exception:   # where torch.compile itself fails, the function runs as it is, from now on
+                    compiled = model
             return compiled(*args, **kwargs)
 
         return call

@@ -75,14 +75,23 @@ def test_a_model_that_does_not_fit_one_gpu_is_loaded_on_the_cpu():
         plan(2, shards=4)
 
 
-def test_loading_on_the_cpu_is_refused_beyond_the_hosts_memory():
-    from qlora_pipeline.training import _refuse_loading_beyond_host_memory
+def test_loading_on_the_cpu_is_refused_beyond_the_hosts_memory(monkeypatch):
+    """Every process stops with one line where some machine's host cannot hold a model for each of its processes
+    (on a process group, all must stop: the others would wait for the one that did)."""
+    from qlora_pipeline import distributed, training
 
-    _refuse_loading_beyond_host_memory(2**20, 2, 7 * GIB)
-    with pytest.raises(PipelineError, match=r"^params key 'train.max_memory': the whole model does not fit a GPU's "
-                                            r"7.0 GiB, so each of this machine's 2 processes loads it on the CPU first "
-                                            r"\(65536.0 GiB together\), but the host has [\d.]+ GiB available"):
-        _refuse_loading_beyond_host_memory(2**45, 2, 7 * GIB)
+    available = training.host_memory_available()
+    assert 0 < available < 2**45
+    training._refuse_loading_beyond_host_memory(2**20, 2, 7 * GIB)
+    with pytest.raises(PipelineError, match=r"^params key 'train.max_memory': the whole model \(32768.0 GiB\) does not "
+                                            r"fit a process's GPU budget of 7.0 GiB beside the plan's margins, so each "
+                                            r"process loads it on the CPU first, 65536.0 GiB for a machine's 2, but this "
+                                            r"machine has [\d.]+ GiB available; free host memory, or spread the "
+                                            r"processes over more machines \(train.nnodes\)$"):
+        training._refuse_loading_beyond_host_memory(2**45, 2, 7 * GIB)
+    monkeypatch.setattr(distributed, "agree_on_any", lambda short: True)   # another process found too little
+    with pytest.raises(PipelineError, match="but another machine has less available"):
+        training._refuse_loading_beyond_host_memory(2**20, 2, 7 * GIB)
 
 
 def test_auto_shards_only_when_the_whole_model_does_not_fit():

@@ -4,7 +4,9 @@ Rows per optimizer step = train.batch_size x train.grad_accum: that is what is o
 normalized by the trained tokens of the whole step. How those rows are executed is separate (execution.py):
 rows a forward pass, packed into one sequence or padded, activation checkpointing, CUDA graphs, a cache of
 dequantized weights. On a GPU the memory plan (memory_plan.py) picks the fastest execution that fits
-`train.max_memory`; none of these choices changes what is optimized, only the arithmetic's order.
+`train.max_memory`; none of these choices changes what is optimized, only the arithmetic's order. (One more
+than that: a sharded run whose whole model does not fit a GPU loads it on the CPU, where bitsandbytes rounds
+0.2 % of its 8-bit scale codes differently; the execution line in metrics/train.json says so.)
 
 The rooms: execution.py and memory_plan.py (how a step is executed), speedups.py (changes to the model that
 keep what it computes), trainer.py (the Trainer, its collator and the run log), checkpoints.py (resume).
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -136,7 +139,15 @@ def prepare_model(model_dir, quantize: QuantizeParams, lora: LoraParams, params:
     storage = torch.bfloat16 if run.sharding == "fsdp" else None
     # Where the whole model does not fit the GPU, FSDP moves each layer there as it shards it (trainer.shard_decoder_layers).
     load_device = "cpu" if run.plan is not None and run.plan.loads_on_cpu else placement
-    model = load_model(model_dir, quantize, placement, compute_dtype, quant_storage=storage, load_device=load_device)
+    threads = torch.get_num_threads()
+    if load_device == "cpu":
+        # torchrun gives each of several processes one thread (OMP_NUM_THREADS=1), and bitsandbytes quantizes on
+        # the CPU with torch's operations: ~4 minutes for an 8 B model on one thread. The cores are shared out.
+        torch.set_num_threads(max(threads, (os.cpu_count() or 1) // params.num_processes))
+    try:
+        model = load_model(model_dir, quantize, placement, compute_dtype, quant_storage=storage, load_device=load_device)
+    finally:
+        torch.set_num_threads(threads)
     if params.fused_activation:
         speedups.fuse_activations(model)
     if quantize.load_in_4bit:
@@ -233,29 +244,48 @@ def plan_execution(model_dir, lora, quantize, params: TrainParams, device: str, 
 
     sharding, plan = execution.resolve_sharding(params, num_processes, plan_for)
     if plan.loads_on_cpu:
-        _refuse_loading_beyond_host_memory(memory_plan.weights_bytes(size, quantize, params.upcast_non_quantized),
-                                           params.num_processes, budget)
+        _refuse_loading_beyond_host_memory(memory_plan.weights_bytes(size, quantize, params.upcast_non_quantized)
+                                           + plan.dequantized_cache_mb * memory_plan.MIB, params.num_processes, budget)
     return execution.gpu_execution(params, plan, rows, packing, budget,
                                    execution.uses_fused_layers(params, quantize, sharding, device), sharding)
 
 
 def _refuse_loading_beyond_host_memory(model_bytes: float, processes_here: int, budget: float) -> None:
-    """A sharded run loading on the CPU holds a whole model in host memory in each of this machine's processes
-    until its layers are on the GPU: one line where the host has not that much available (Linux's MemAvailable),
-    instead of a process killed for memory halfway."""
+    """A sharded run loading on the CPU holds a whole model (and any dequantized cache) in host memory in each of
+    a machine's processes until its layers are on the GPU: one line on every process where some machine has not
+    that much available, instead of a process killed for memory halfway and the others waiting for it."""
+    available = host_memory_available()
+    needed = model_bytes * processes_here
+    short = available is not None and needed > available
+    if distributed.agree_on_any(short):
+        where = (f"this machine has {available / 2**30:.1f} GiB available" if short
+                 else "another machine has less available")
+        raise PipelineError(
+            f"params key 'train.max_memory': the whole model ({model_bytes / 2**30:.1f} GiB) does not fit a process's "
+            f"GPU budget of {budget / 2**30:.1f} GiB beside the plan's margins, so each process loads it on the CPU "
+            f"first, {needed / 2**30:.1f} GiB for a machine's {processes_here}, but {where}; free host memory, or "
+            "spread the processes over more machines (train.nnodes)"
+        )
+
+
+def host_memory_available() -> float | None:
+    """Bytes this process's host memory still has (Linux's MemAvailable), or less where a cgroup (a container, a
+    SLURM job) limits it; None where neither is known."""
     try:
         meminfo = Path("/proc/meminfo").read_text()
-    except OSError:   # not Linux: nothing to check against
-        return
-    available = next(int(line.split()[1]) * 1024 for line in meminfo.splitlines() if line.startswith("MemAvailable:"))
-    needed = model_bytes * processes_here
-    if needed > available:
-        raise PipelineError(
-            f"params key 'train.max_memory': the whole model does not fit a GPU's {budget / 2**30:.1f} GiB, so each of "
-            f"this machine's {processes_here} processes loads it on the CPU first ({needed / 2**30:.1f} GiB together), "
-            f"but the host has {available / 2**30:.1f} GiB available; use fewer processes a machine (train.num_processes) "
-            "or GPUs with more memory"
-        )
+    except OSError:
+        return None
+    found = [int(line.split()[1]) * 1024 for line in meminfo.splitlines() if line.startswith("MemAvailable:")]
+    limits = found[:1]
+    for limit_file, usage_file in (("memory.max", "memory.current"),                             # cgroup v2
+                                   ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):  # v1
+        try:
+            limit, usage = (Path("/sys/fs/cgroup", name).read_text().strip() for name in (limit_file, usage_file))
+        except OSError:
+            continue
+        if limit.isdigit() and usage.isdigit():
+            limits.append(int(limit) - int(usage))
+    return min(limits) if limits else None
 
 
 def _smaller_execution(run: execution.Execution, exc: BaseException, params: TrainParams, model_dir, lora,
