@@ -217,8 +217,9 @@ if __name__ == "__main__":
     parser.add_argument("--tokenizer", required=True, help="directory with the tokenizer (the embedded model's)")
     parser.add_argument("--shape", default="llama-3-8b", choices=["llama-3-8b", "llama-3.2-1b"])
     parser.add_argument("--gpus", type=int, nargs="+", default=[1, 2, 4], help="GPU counts (those this machine has)")
-    # The planner: the 8 B shape needs 7.8 GiB whole (DDP) and from 6.0 GiB sharded (every process loads the whole
-    # 4-bit model, 4.9 GiB, before FSDP shards it): 7 GiB is between.
+    # The planner (16 rows a step): the 8 B shape needs 7.3 GiB whole (DDP), and sharded from 5.7 GiB over 2
+    # processes, 4.8 GiB over 4; under 6.0 GiB the whole 4-bit model (4.9 GiB) no longer fits beside the margins
+    # and each process loads it on the CPU. 7 GiB: DDP refused, fsdp loading on the GPU; 5 GiB over 4: on the CPU.
     parser.add_argument("--memory-cap-gib", type=float, default=7.0,
                         help="train.max_memory for the capped runs: under what one whole 4-bit copy needs to train")
     parser.add_argument("--steps", type=int, default=8)
