@@ -1,8 +1,9 @@
 """FSDP2 over the 4-bit tiny Llama on two CPU processes (gloo) computes the one-process loss and LoRA gradients.
 
 The sharding is the train stage's: its decoder layers sharded one by one (trainer.shard_decoder_layers), then
-accelerate's fsdp2_prepare_model with the plugin the Trainer gets from trainer._fsdp_options; only the Accelerator is not one that accelerate sets up for FSDP, since accelerate
-applies no FSDP plugin on the CPU (test_sharding.py). The passes are those of a sharded plan that failed on two
+accelerate's fsdp2_prepare_model with the plugin the Trainer gets from trainer._fsdp_options; only the
+Accelerator is not one that accelerate sets up for FSDP, since accelerate applies no FSDP plugin on the CPU
+(test_sharding.py). The passes are those of a sharded plan that failed on two
 GPUs: passes of 2 rows, every layer checkpointed, trl's fused LM head, the passes before a step's last one
 without gradient sync (as accelerate's no_sync does it for FSDP2)."""
 

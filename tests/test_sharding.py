@@ -78,9 +78,9 @@ def test_a_model_that_does_not_fit_one_gpu_is_loaded_on_the_cpu():
 def test_loading_on_the_cpu_is_refused_beyond_the_hosts_memory(monkeypatch):
     """Every process stops with one line where some machine's host cannot hold a model for each of its processes
     (on a process group, all must stop: the others would wait for the one that did)."""
-    from qlora_pipeline import distributed, training
+    from qlora_pipeline import distributed, quantization, training
 
-    available = training.host_memory_available()
+    available = quantization.host_memory_available()
     assert 0 < available < 2**45
     training._refuse_loading_beyond_host_memory(2**20, 2, 7 * GIB)
     with pytest.raises(PipelineError, match=r"^params key 'train.max_memory': the whole model \(32768.0 GiB\) does not "

@@ -205,10 +205,11 @@ def plan_step(size: ModelSize, params: TrainParams, quantize: QuantizeParams, ro
     it is sharded (loads_on_cpu: slower to start, as bitsandbytes quantizes on the CPU, and the host holds a
     whole model for each process while loading), so that the GPU holds the shards and one whole layer at most.
     Every process must run as many passes as the others (each pass gathers the weights together), so passes
-    hold a fixed number of rows and the token bound is what those rows can reach; no CUDA graphs. A dequantized cache is a whole copy on every process (made before the
-    weights are sharded, so it counts beside the loading too): only the memory the sharded step leaves, and
-    on `auto` none when loading on the CPU (it would be dequantized there, slowly, and held in host memory by
-    every process beside its model; a run that short of GPU memory has little to give it anyway)."""
+    hold a fixed number of rows and the token bound is what those rows can reach; no CUDA graphs. A dequantized
+    cache is a whole copy on every process (made before the weights are sharded, so it counts beside the loading
+    too): only the memory the sharded step leaves, and on `auto` none when loading on the CPU (it would be
+    dequantized there, slowly, and held in host memory by every process beside its model; a run that short of
+    GPU memory has little to give it anyway)."""
     upcast = params.upcast_non_quantized
     usable = budget * (1 - MARGIN_FRACTION) - MARGIN_BYTES
     loads_on_cpu = False

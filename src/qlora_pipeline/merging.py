@@ -128,11 +128,10 @@ def full_precision_device(model_dir: Path, device: str, load_in_4bit: bool) -> s
 
 def _require_host_memory(needed: float) -> None:
     """Stop with one line, before loading anything, where the float32 model cannot fit the memory available."""
-    import psutil
-
     from qlora_pipeline.errors import PipelineError
+    from qlora_pipeline.quantization import host_memory_available
 
-    available = psutil.virtual_memory().available
+    available = host_memory_available()
     if needed > available:
         raise PipelineError(f"merge needs {needed / 2**30:.1f} GiB of memory for the float32 model on the CPU, "
                             f"{available / 2**30:.1f} GiB are available: free some, or merge on a machine with more")

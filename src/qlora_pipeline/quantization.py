@@ -56,6 +56,23 @@ def memory_budget(max_memory: float | str, device_index: int = 0) -> float:
     return min(float(max_memory) * 2**30, allowed) if max_memory else allowed
 
 
+def host_memory_available() -> float:
+    """Bytes of host memory this process can still take: what the system has available, or less where a cgroup
+    (a container, a SLURM job) limits the process."""
+    import psutil
+
+    available = [psutil.virtual_memory().available]
+    for limit_file, usage_file in (("memory.max", "memory.current"),                                # cgroup v2
+                                   ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):  # v1
+        try:
+            limit, usage = (Path("/sys/fs/cgroup", name).read_text().strip() for name in (limit_file, usage_file))
+        except OSError:
+            continue
+        if limit.isdigit() and usage.isdigit():
+            available.append(int(limit) - int(usage))
+    return min(available)
+
+
 def bnb_config(quantize: QuantizeParams, compute_dtype, quant_storage=None):
     """quant_storage: the dtype the packed 4-bit weights are stored as (None: bitsandbytes' uint8)."""
     from transformers import BitsAndBytesConfig

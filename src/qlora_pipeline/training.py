@@ -25,7 +25,8 @@ from typing import Any
 from qlora_pipeline import checkpoints, distributed, execution, memory_plan, speedups, trainer
 from qlora_pipeline.config import LoraParams, QuantizeParams, TrainParams, as_dict
 from qlora_pipeline.errors import PipelineError
-from qlora_pipeline.quantization import load_model, lora_config, resolve_compute_dtype, resolve_device, resolve_target_modules
+from qlora_pipeline.quantization import (host_memory_available, load_model, lora_config, resolve_compute_dtype,
+                                         resolve_device, resolve_target_modules)
 
 # Optimizer steps within which an out-of-memory error makes the stage retry once with a smaller plan.
 FALLBACK_STEPS = 3
@@ -256,7 +257,7 @@ def _refuse_loading_beyond_host_memory(model_bytes: float, processes_here: int, 
     that much available, instead of a process killed for memory halfway and the others waiting for it."""
     available = host_memory_available()
     needed = model_bytes * processes_here
-    short = available is not None and needed > available
+    short = needed > available
     if distributed.agree_on_any(short):
         where = (f"this machine has {available / 2**30:.1f} GiB available" if short
                  else "another machine has less available")
@@ -266,26 +267,6 @@ def _refuse_loading_beyond_host_memory(model_bytes: float, processes_here: int, 
             f"first, {needed / 2**30:.1f} GiB for a machine's {processes_here}, but {where}; free host memory, or "
             "spread the processes over more machines (train.nnodes)"
         )
-
-
-def host_memory_available() -> float | None:
-    """Bytes this process's host memory still has (Linux's MemAvailable), or less where a cgroup (a container, a
-    SLURM job) limits it; None where neither is known."""
-    try:
-        meminfo = Path("/proc/meminfo").read_text()
-    except OSError:
-        return None
-    found = [int(line.split()[1]) * 1024 for line in meminfo.splitlines() if line.startswith("MemAvailable:")]
-    limits = found[:1]
-    for limit_file, usage_file in (("memory.max", "memory.current"),                             # cgroup v2
-                                   ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):  # v1
-        try:
-            limit, usage = (Path("/sys/fs/cgroup", name).read_text().strip() for name in (limit_file, usage_file))
-        except OSError:
-            continue
-        if limit.isdigit() and usage.isdigit():
-            limits.append(int(limit) - int(usage))
-    return min(limits) if limits else None
 
 
 def _smaller_execution(run: execution.Execution, exc: BaseException, params: TrainParams, model_dir, lora,
