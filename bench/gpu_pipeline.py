@@ -1,7 +1,7 @@
 """The whole pipeline on one GPU with `dvc repro`, timed stage by stage, in a fresh git + DVC project.
 
     python bench/gpu_pipeline.py --data .bench-assets/alpaca_sample_1k.json --tokenizer .bench-assets/tokenizer \
-        [--shape distilgpt2 | llama-3-8b | llama-3.2-1b] [--set train.max_steps=50 ...] [--profile-stages]
+        [--shape distilgpt2 | llama-3-8b | llama-3.2-1b] [--set train.max_steps=50 ...] [--profile-stages] [--timeline]
 
 distilgpt2: the tutorial's experiment (profiles/tutorial.yaml) on distilgpt2-shaped random weights. The Llama
 shapes: the default params.yaml on a random model of that shape built on the GPU in bfloat16 (the large-models
@@ -160,11 +160,18 @@ def gpu_used_mib() -> int:
     return sum(int(line) for line in smi.stdout.split() if line.strip().isdigit())
 
 
-def timed_repro(work: Path, env: dict, log: Path) -> tuple[list[dict], float]:
+def timed_repro(work: Path, env: dict, log: Path, timeline: Path | None = None) -> tuple[list[dict], float]:
     """`dvc repro` in `work`: each stage's wall time, peak resident set and peak GPU memory (above what other
-    processes held when it started); the whole time."""
+    processes held when it started); the whole time. With `timeline` (a directory), every Python process samples
+    where its time goes (bench/timeline) and each stage gets its process's summary (stage_timeline)."""
     baseline = gpu_used_mib()
+    if timeline:
+        shutil.rmtree(timeline, ignore_errors=True)
+        timeline.mkdir(parents=True)
+        env = {**env, "QLORA_TIMELINE_DIR": str(timeline),
+               "PYTHONPATH": os.pathsep.join([str(ROOT / "bench" / "timeline"), env.get("PYTHONPATH", "")])}
     started = time.time()
+    env = {**env, "PYTHONUNBUFFERED": "1"}   # DVC's "Running stage" lines as they are printed: the stage marks
     process = subprocess.Popen(["dvc", "repro"], cwd=work, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     sampler = Sampler(process.pid)
@@ -180,6 +187,7 @@ def timed_repro(work: Path, env: dict, log: Path) -> tuple[list[dict], float]:
     ended = time.time()
     sampler.stopped.set()
     sampler.join()
+    records = [json.loads(p.read_text()) for p in sorted(timeline.glob("*.json"))] if timeline else []
     stages = []
     for i, (start, name) in enumerate(marks):
         end = marks[i + 1][0] if i + 1 < len(marks) else ended
@@ -187,7 +195,33 @@ def timed_repro(work: Path, env: dict, log: Path) -> tuple[list[dict], float]:
         stages.append({"stage": name, "wall_s": round(end - start, 1),
                        "peak_rss_gib": round(max((s[1] for s in inside), default=0) / 2**30, 2),
                        "peak_gpu_used_mib": max((s[2] - baseline for s in inside), default=0)})
+        script = name.split("@")[0].replace("-", "_")   # download@model: stages/download.py, quantize-inspect: ...
+        ran = [r for r in records if start - 1 <= r["started"] < end and Path(r["argv"][0]).name.startswith(script)
+               and Path(r["argv"][0]).parent.name == "stages"]
+        if ran:
+            stages[-1]["timeline"] = stage_timeline(min(ran, key=lambda r: r["started"]), start, end)
     return stages, ended - started
+
+
+def stage_timeline(record: dict, mark: float, next_mark: float) -> dict:
+    """A stage process's sampled time (bench/timeline): DVC's seconds before it started and after it ended, its
+    imports by package, and its other time by the project function and library it was in, with the functions
+    running there most (largest first)."""
+    imports: dict[str, float] = {}
+    parts: dict[str, dict[str, float]] = {}
+    for label, _, seconds in record["segments"]:
+        if label.startswith("import "):
+            imports[label[7:]] = imports.get(label[7:], 0.0) + seconds
+        else:
+            part, _, running = label.rpartition(" > ") if " > " in label else (label, "", label)
+            parts.setdefault(part, {})[running] = parts.setdefault(part, {}).get(running, 0.0) + seconds
+    by_total = sorted(parts.items(), key=lambda kv: -sum(kv[1].values()))
+    return {"dvc_before_s": round(record["started"] - mark, 2), "process_s": round(record["ended"] - record["started"], 2),
+            "dvc_after_s": round(next_mark - record["ended"], 2), "imports_s": round(sum(imports.values()), 2),
+            "imports_by_package": {k: round(v, 2) for k, v in sorted(imports.items(), key=lambda kv: -kv[1]) if v >= 0.05},
+            "seconds": {part: round(sum(running.values()), 2) for part, running in by_total if sum(running.values()) >= 0.05},
+            "running": {part: {k: round(v, 2) for k, v in sorted(running.items(), key=lambda kv: -kv[1])[:4] if v >= 0.05}
+                        for part, running in by_total[:8]}}
 
 
 def gpu_name() -> str:
@@ -224,7 +258,8 @@ def main(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     holder = hold_gpu_memory(args.gpu_memory) if args.gpu_memory else None
     try:
-        stages, whole_s = timed_repro(work, env, out / f"gpu_pipeline-{args.shape}-dvc_repro.log")
+        stages, whole_s = timed_repro(work, env, out / f"gpu_pipeline-{args.shape}-dvc_repro.log",
+                                      Path(args.work) / "timeline" if args.timeline else None)
         started = time.time()
         subprocess.run(["dvc", "repro"], cwd=work, env=env, check=True, capture_output=True)
         noop_s = time.time() - started
@@ -241,6 +276,13 @@ def main(args) -> None:
     for s in stages:
         print(f"{s['stage']:18} {s['wall_s']:>7.1f} {s['peak_rss_gib']:>13.2f} {s['peak_gpu_used_mib']:>13}")
     print(f"{'whole dvc repro':18} {whole_s:>7.1f}\n{'no-op dvc repro':18} {noop_s:>7.1f}")
+    for s in stages:
+        if "timeline" in s:
+            t = s["timeline"]
+            print(f"timeline {s['stage']:16} dvc {t['dvc_before_s']:.2f} + {t['dvc_after_s']:.2f} s, process {t['process_s']:.2f} s, "
+                  f"imports {t['imports_s']:.2f} s (" + ", ".join(f"{k} {v:.2f}" for k, v in t["imports_by_package"].items()) + ")")
+            for part, seconds in list(t["seconds"].items())[:6]:
+                print(f"    {seconds:6.2f} {part}: " + ", ".join(f"{k} {v:.2f}" for k, v in t["running"].get(part, {}).items()))
 
     record = {
         "benchmark": "gpu_pipeline", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -300,5 +342,7 @@ if __name__ == "__main__":
     parser.add_argument("--model-dir", help="where the random model goes (default: in --work; reused when there)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     parser.add_argument("--profile-stages", action="store_true", help="then run the model stages under stage_profile")
+    parser.add_argument("--timeline", action="store_true",
+                        help="sample where each stage's process spends its time (bench/timeline), per stage")
     parser.add_argument("--keep-project", action="store_true", help="leave the project (and its models) in --work")
     main(parser.parse_args())
