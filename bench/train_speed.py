@@ -116,7 +116,7 @@ def score(model_dir: Path, adapter_dir: Path, tokenized_eval, quantize, device: 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = PeftModel.from_pretrained(load_model(model_dir, quantize, device, dtype), adapter_dir).eval()
     with_eos = answer_loss(model, tokenized_eval, tokenizer.pad_token_id, 16, device)
-    no_eos = tokenized_eval.map(lambda r: {"labels": r["labels"][:-1] + [-100]})
+    no_eos = [{**row, "labels": row["labels"][:-1] + [-100]} for row in tokenized_eval]
     without_eos = answer_loss(model, no_eos, tokenizer.pad_token_id, 16, device)
     return {"eval_answer_loss": with_eos["loss"], "eval_answer_loss_no_eos": without_eos["loss"]}
 
@@ -133,7 +133,7 @@ def main(args: argparse.Namespace) -> None:
     from qlora_pipeline.prompts import format_rows
     from qlora_pipeline.sources import normalize_rows, random_model
     from qlora_pipeline.splits import make_subset
-    from qlora_pipeline.tokenization import Encoder, tokenize_split
+    from qlora_pipeline.tokenization import Encoder, read_split, tokenize_split
     from qlora_pipeline.training import train
 
     device = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU only for a smoke run (--rows, --epochs)
@@ -163,7 +163,7 @@ def main(args: argparse.Namespace) -> None:
         items, stats[split] = tokenize_split(Encoder.of(tokenizer), split_rows, params.tokenize.max_length,
                                              params.tokenize.train_on)
         datasets.Dataset.from_dict({k: [i[k] for i in items] for k in ("input_ids", "labels")}).save_to_disk(str(tokenized / split))
-    tokenized_eval = datasets.load_from_disk(str(tokenized / "eval"))
+    tokenized_eval = read_split(tokenized / "eval")
 
     results = []
     if "reference" in args.variants:

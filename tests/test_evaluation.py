@@ -7,7 +7,6 @@ import pytest
 def test_answer_loss_is_the_mean_over_answer_tokens_of_the_whole_logits(tiny_model_dir):
     """Only the answer positions' logits are converted to float32 (an 8 B model's whole batch would be 3.2 GB):
     the loss is the one computed over the whole logits with the prompt and padding positions ignored."""
-    import datasets
     import torch
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
@@ -21,7 +20,7 @@ def test_answer_loss_is_the_mean_over_answer_tokens_of_the_whole_logits(tiny_mod
     for length in (5, 9, 14, 7, 11):
         ids = torch.randint(0, 200, (length,), generator=generator).tolist()
         rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] * (length // 2) + ids[length // 2:]})
-    scored = answer_loss(model, datasets.Dataset.from_list(rows), 0, 2, "cpu")
+    scored = answer_loss(model, rows, 0, 2, "cpu")
 
     total, count = 0.0, 0
     with torch.no_grad():

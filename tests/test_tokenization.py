@@ -75,3 +75,17 @@ def test_a_model_with_only_a_python_tokenizer_is_refused_at_download(tmp_path):
     ByT5Tokenizer().save_pretrained(tmp_path / "model")
     with pytest.raises(PipelineError, match=r"^params key 'model.name': .* has only a Python tokenizer \(ByT5Tokenizer\)"):
         fetch_model(ModelParams("local", str(tmp_path / "model"), "main", False, False), 0, tmp_path / "out")
+
+
+def test_read_split_gives_the_rows_datasets_loads(tmp_path):
+    """The evaluate stage reads a tokenized split with pyarrow alone: the rows datasets.load_from_disk gives, in
+    order, with every column, also when save_to_disk wrote several files."""
+    import datasets
+
+    from qlora_pipeline.tokenization import read_split
+
+    rows = [{"input_ids": list(range(i, 2 * i + 3)), "labels": [-100] * i + [7, 8, 9], "task": f"t{i % 3}"}
+            for i in range(40)]
+    datasets.Dataset.from_list(rows).select(range(5, 40)).save_to_disk(str(tmp_path / "eval"), num_shards=3)
+    assert len(list((tmp_path / "eval").glob("*.arrow"))) == 3
+    assert read_split(tmp_path / "eval") == datasets.load_from_disk(str(tmp_path / "eval")).to_list() == rows[5:]

@@ -13,11 +13,12 @@ Base and merged run in the same dtype (float32 on the CPU, bfloat16 on a GPU); t
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from qlora_pipeline.config import QuantizeParams
-from qlora_pipeline.tokenization import IGNORE_INDEX
+from qlora_pipeline.tokenization import IGNORE_INDEX, read_split
 
 
 def inference_dtype(device: str):
@@ -38,23 +39,25 @@ def use_inference_attention(device: str) -> None:
         torch.backends.cuda.enable_cudnn_sdp(False)
 
 
-def answer_loss(model, tokenized, pad_token_id: int, batch_size: int, device: str) -> dict[str, float]:
-    """Mean cross-entropy over answer tokens (token-weighted), and its perplexity."""
+def answer_loss(model, rows: Sequence[Mapping[str, list[int]]], pad_token_id: int, batch_size: int,
+                device: str) -> dict[str, float]:
+    """Mean cross-entropy over answer tokens (token-weighted) of tokenized rows (input_ids, labels), and its
+    perplexity."""
     import torch
     import torch.nn.functional as F
 
     total, count = 0.0, 0
     with torch.no_grad():
-        for start in range(0, len(tokenized), batch_size):
-            rows = tokenized[start : start + batch_size]
-            width = max(len(ids) for ids in rows["input_ids"])
-            ids = torch.full((len(rows["input_ids"]), width), pad_token_id)
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start : start + batch_size]
+            width = max(len(row["input_ids"]) for row in batch)
+            ids = torch.full((len(batch), width), pad_token_id)
             labels = torch.full_like(ids, IGNORE_INDEX)
             mask = torch.zeros_like(ids)
-            for i, (row_ids, row_labels) in enumerate(zip(rows["input_ids"], rows["labels"])):
-                ids[i, : len(row_ids)] = torch.tensor(row_ids)
-                labels[i, : len(row_labels)] = torch.tensor(row_labels)
-                mask[i, : len(row_ids)] = 1
+            for i, row in enumerate(batch):
+                ids[i, : len(row["input_ids"])] = torch.tensor(row["input_ids"])
+                labels[i, : len(row["labels"])] = torch.tensor(row["labels"])
+                mask[i, : len(row["input_ids"])] = 1
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
             shifted = labels[:, 1:].to(device)
             answer = shifted != IGNORE_INDEX
@@ -68,19 +71,20 @@ def answer_loss(model, tokenized, pad_token_id: int, batch_size: int, device: st
 
 
 def generate_answers(model, tokenizer, prompts: list[str], batch_size: int, max_new_tokens: int, device: str) -> list[str]:
-    """Greedy answers, cut at EOS; prompts are left-padded so every answer starts at the same column."""
+    """Greedy answers, cut at EOS; prompts are left-padded so every answer starts at the same column. On a GPU each
+    token is replayed from a CUDA graph (decoding.py)."""
     import torch
+
+    from qlora_pipeline.decoding import greedy_generate
 
     tokenizer.padding_side = "left"
     answers = []
     with torch.no_grad():
         for start in range(0, len(prompts), batch_size):
             batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            out = model.generate(
-                **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-            answers += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+            new_tokens = greedy_generate(model, batch["input_ids"], batch["attention_mask"], max_new_tokens,
+                                         tokenizer.eos_token_id, tokenizer.pad_token_id)
+            answers += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
     return answers
 
 
@@ -136,14 +140,12 @@ def load_models(base_dir: Path, adapter_dir: Path, merged_dir: Path, quantize: Q
 def evaluate(base_dir: Path, adapter_dir: Path, merged_dir: Path, tokenized_eval_dir: Path, formatted_eval: list[dict],
              quantize: QuantizeParams, batch_size: int, max_new_tokens: int, generate_rows: int, device: str) -> tuple[dict[str, Any], list[dict]]:
     """Metrics of the base, trained and merged model, and the sample rows (prompt, reference, each model's answer)."""
-    import datasets
-
     from qlora_pipeline.merging import free_memory
     from qlora_pipeline.quantization import resolve_compute_dtype
 
     dtype = inference_dtype(device)
     use_inference_attention(device)
-    tokenized = datasets.load_from_disk(str(tokenized_eval_dir))
+    tokenized = read_split(tokenized_eval_dir)
     results, answers = {}, {}
     for label, load in load_models(base_dir, adapter_dir, merged_dir, quantize, device, dtype).items():
         model, tokenizer = load()

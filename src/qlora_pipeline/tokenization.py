@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -26,6 +27,8 @@ IGNORE_INDEX = -100  # label value that the loss skips
 # A text whose first tokens cannot be had from a cut of it (below) is tokenized whole up to this many
 # characters (about 2 s and 200 MB) and refused beyond (a 20 MB row took 51 s and 4.1 GB).
 MAX_UNCUT_CHARS = 1_000_000
+# Rows whose texts tokenize_split has tokenized in one call (encode_short) before it builds them.
+_ENCODE_ROWS = 1024
 
 
 class Encoder(NamedTuple):
@@ -88,7 +91,8 @@ def _cut_before_special_tokens(text: str, at: int, specials: list[str]) -> int:
     return at
 
 
-def leading_ids(core, text: str, count: int, token_chars: int, where: str) -> tuple[list[int], bool]:
+def leading_ids(core, text: str, count: int, token_chars: int, where: str,
+                encoded: Mapping[str, list[int]] | None = None) -> tuple[list[int], bool]:
     """The first `count` token ids of `text` (fewer if it has fewer), and whether it has more; time and memory
     bounded by `count`, not by the length of `text`.
 
@@ -99,7 +103,11 @@ def leading_ids(core, text: str, count: int, token_chars: int, where: str) -> tu
     metaspace pre-tokenizers of GPT-2, Llama and the like) and tokenizes each word on its own. When the
     tokens before that last word are fewer than `count` (one enormous word, or a tokenizer that does not
     split text), the text is tokenized whole, up to MAX_UNCUT_CHARS characters, and refused beyond.
+    `encoded`: texts already tokenized whole (encode_short), whose first tokens are the cut's by the same rule.
     """
+    if encoded is not None and text in encoded:
+        ids = encoded[text]
+        return ids[:count], len(ids) > count
     head_chars = count * token_chars
     if len(text) > head_chars:
         specials = [token.content for token in core.get_added_tokens_decoder().values()]
@@ -117,14 +125,25 @@ def leading_ids(core, text: str, count: int, token_chars: int, where: str) -> tu
     return ids[:count], len(ids) > count
 
 
+def encode_short(core, texts: list[str], max_chars: int) -> dict[str, list[int]]:
+    """The token ids of each of `texts` of at most `max_chars` characters, tokenized whole in one call that the
+    tokenizers library spreads over the cores (one text at a time, the tokenize stage's 985 rows of the Alpaca
+    sample took 0.7 s of a GPU host's 2.3 s, bench/NOTES.md)."""
+    short = [text for text in dict.fromkeys(texts) if len(text) <= max_chars]
+    return dict(zip(short, (encoding.ids for encoding in core.encode_batch(short, add_special_tokens=False))))
+
+
 def tokenize_row(encoder: Encoder, prompt: str, completion: str, max_length: int, train_on: str,
-                 token_chars: int | None = None, where: str = "row") -> dict[str, Any]:
-    """One row as input_ids / labels, truncated to `max_length` tokens (the answer is cut first)."""
+                 token_chars: int | None = None, where: str = "row",
+                 encoded: Mapping[str, list[int]] | None = None) -> dict[str, Any]:
+    """One row as input_ids / labels, truncated to `max_length` tokens (the answer is cut first). `encoded`:
+    texts tokenized already (encode_short)."""
     token_chars = token_chars or longest_token_chars(encoder.core)
-    prompt_ids, prompt_cut = leading_ids(encoder.core, prompt, max_length, token_chars, f"{where} (prompt)")
+    prompt_ids, prompt_cut = leading_ids(encoder.core, prompt, max_length, token_chars, f"{where} (prompt)", encoded)
     room = max_length - len(prompt_ids)
     if room:
-        answer_ids, answer_cut = leading_ids(encoder.core, completion, room, token_chars, f"{where} (completion)")
+        answer_ids, answer_cut = leading_ids(encoder.core, completion, room, token_chars, f"{where} (completion)",
+                                             encoded)
     else:  # the prompt fills max_length
         answer_ids, answer_cut = [], True
     if not answer_cut:
@@ -140,6 +159,19 @@ def tokenize_row(encoder: Encoder, prompt: str, completion: str, max_length: int
         "prompt_length": len(prompt_ids),
         "truncated": prompt_cut or answer_cut or len(prompt_ids) + len(answer_ids) > max_length,
     }
+
+
+def read_split(split_dir: str | Path) -> list[dict[str, Any]]:
+    """The rows of a tokenized split as the tokenize stage saved it (datasets' save_to_disk: the Arrow stream files
+    state.json lists), read with pyarrow alone: the evaluate stage would otherwise import datasets for this, ~0.8 s
+    of a GPU host's start-up (bench/NOTES.md). The training stage reads the splits with datasets, which trl uses."""
+    import pyarrow as pa
+
+    split_dir = Path(split_dir)
+    state = json.loads((split_dir / "state.json").read_text())
+    tables = [pa.ipc.open_stream(pa.memory_map(str(split_dir / file["filename"]))).read_all()
+              for file in state["_data_files"]]
+    return pa.concat_tables(tables).to_pylist()
 
 
 def model_context(model_dir: str | Path) -> tuple[int, str] | None:
@@ -183,8 +215,12 @@ def tokenize_split(encoder: Encoder, rows: list[dict], max_length: int, train_on
     kept, dropped = [], 0
     token_chars = longest_token_chars(encoder.core)
     for index, row in enumerate(rows):
+        if index % _ENCODE_ROWS == 0:   # the next rows' texts at once; no more than that many held as encodings
+            chunk = rows[index : index + _ENCODE_ROWS]
+            encoded = encode_short(encoder.core, [r[key] for r in chunk for key in ("prompt", "completion")],
+                                   max_length * token_chars)
         item = tokenize_row(encoder, row["prompt"], row["completion"], max_length, train_on, token_chars,
-                            f"{where} row {index + 1}")
+                            f"{where} row {index + 1}", encoded)
         if all(label == IGNORE_INDEX for label in item["labels"]):
             dropped += 1
             continue
