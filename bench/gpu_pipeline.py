@@ -36,6 +36,8 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+# dvc.yaml's stage -> its script, where the names differ (a foreach stage's key is the script's argument).
+STAGE_SCRIPTS = {"quantize-inspect": "quantize_inspect.py", "tokenize": "tokenize_data.py"}
 LIBRARIES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets", "dvc", "dvclive")
 
 
@@ -171,7 +173,8 @@ def timed_repro(work: Path, env: dict, log: Path, timeline: Path | None = None) 
         env = {**env, "QLORA_TIMELINE_DIR": str(timeline),
                "PYTHONPATH": os.pathsep.join([str(ROOT / "bench" / "timeline"), env.get("PYTHONPATH", "")])}
     started = time.time()
-    env = {**env, "PYTHONUNBUFFERED": "1"}   # DVC's "Running stage" lines as they are printed: the stage marks
+    # DVC's "Running stage" lines as they are printed: the stage marks (the stages inherit it; they print a few lines).
+    env = {**env, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(["dvc", "repro"], cwd=work, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     sampler = Sampler(process.pid)
@@ -188,6 +191,7 @@ def timed_repro(work: Path, env: dict, log: Path, timeline: Path | None = None) 
     sampler.stopped.set()
     sampler.join()
     records = [json.loads(p.read_text()) for p in sorted(timeline.glob("*.json"))] if timeline else []
+    used: set[int] = set()
     stages = []
     for i, (start, name) in enumerate(marks):
         end = marks[i + 1][0] if i + 1 < len(marks) else ended
@@ -195,11 +199,15 @@ def timed_repro(work: Path, env: dict, log: Path, timeline: Path | None = None) 
         stages.append({"stage": name, "wall_s": round(end - start, 1),
                        "peak_rss_gib": round(max((s[1] for s in inside), default=0) / 2**30, 2),
                        "peak_gpu_used_mib": max((s[2] - baseline for s in inside), default=0)})
-        script = name.split("@")[0].replace("-", "_")   # download@model: stages/download.py, quantize-inspect: ...
-        ran = [r for r in records if start - 1 <= r["started"] < end and Path(r["argv"][0]).name.startswith(script)
-               and Path(r["argv"][0]).parent.name == "stages"]
+        # The stage's own process: its script (and foreach key) as dvc.yaml runs it, started after the previous
+        # stage's process (the kernel's start time and this process's clock can differ by a few ms).
+        command = [STAGE_SCRIPTS.get(name.split("@")[0], name.split("@")[0] + ".py"), *name.split("@")[1:]]
+        ran = [r for r in records if r["pid"] not in used and r["started"] >= start - 0.1
+               and [Path(r["argv"][0]).name, *r["argv"][1:]] == command]
         if ran:
-            stages[-1]["timeline"] = stage_timeline(min(ran, key=lambda r: r["started"]), start, end)
+            record = min(ran, key=lambda r: r["started"])
+            used.add(record["pid"])
+            stages[-1]["timeline"] = stage_timeline(record, start, end)
     return stages, ended - started
 
 

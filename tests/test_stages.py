@@ -105,6 +105,7 @@ def test_evaluate(ran):
         assert math.isfinite(metrics[label]["loss"]) and metrics[label]["answer_tokens"] > 0
         assert metrics[label]["perplexity"] == pytest.approx(math.exp(metrics[label]["loss"]), rel=1e-3)
         assert 0 <= metrics[label]["exact_match"] <= 1
+        assert metrics[label]["decoding"] == "transformers generate (not a GPU)"   # how its answers were generated
     # Merged into the dequantized weights in float16: the trained model's loss, up to float16 rounding.
     assert abs(metrics["merging"]["loss_change"]) < 1e-3
     assert metrics["merging"]["loss_change"] == round(metrics["merged"]["loss"] - metrics["trained"]["loss"], 6)

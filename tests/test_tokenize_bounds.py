@@ -46,7 +46,7 @@ def bpe():
 
 
 class Spy:
-    """A `tokenizers.Tokenizer` that records the longest text it was asked to encode."""
+    """A `tokenizers.Tokenizer` that records the longest text it was asked to encode, alone or in a batch."""
 
     def __init__(self, core):
         self.core, self.longest = core, 0
@@ -54,6 +54,10 @@ class Spy:
     def encode(self, text, **kwargs):
         self.longest = max(self.longest, len(text))
         return self.core.encode(text, **kwargs)
+
+    def encode_batch(self, texts, **kwargs):
+        self.longest = max([self.longest, *map(len, texts)])
+        return self.core.encode_batch(texts, **kwargs)
 
     def __getattr__(self, name):
         return getattr(self.core, name)
@@ -104,3 +108,24 @@ def test_a_huge_row_without_word_breaks_is_refused_naming_file_and_row(bpe):
     with pytest.raises(PipelineError, match=r"^data/formatted/eval.jsonl row 2 \(completion\): 1,000,001 characters "
                                             r"with no word break in the first [\d,]+ to cut them at"):
         tokenize_split(Encoder.of(bpe), rows, max_length=64, train_on="completion", where="data/formatted/eval.jsonl")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama3", "metaspace", "bytes"])
+def test_a_split_tokenized_in_batches_is_the_split_tokenized_row_by_row(family):
+    """tokenize_split encodes the short texts of each 256 rows in one call (encode_short): the rows are those
+    tokenize_row makes one text at a time, over more than one batch of rows, with repeated and empty texts, rows
+    cut at max_length, texts too long to batch (cut as before) and rows whose prompt fills max_length (dropped)."""
+    from qlora_pipeline.tokenization import tokenize_row
+
+    tokenizer = byte_tokenizer() if family == "bytes" else trained_bpe(family)
+    encoder = Encoder.of(tokenizer)
+    rng = random.Random(2)
+    texts = [random_text(rng, rng.randint(0, 120)) for _ in range(300)] + ["", "same text", "same text"]
+    rows = [{"prompt": rng.choice(texts), "completion": rng.choice(texts)} for _ in range(600)]
+    rows.append({"prompt": "long:\n", "completion": random_text(rng, 9_000)})   # over encode_short's characters
+    for max_length in (8, 64):
+        one_by_one = [tokenize_row(encoder, row["prompt"], row["completion"], max_length, "completion")
+                      for row in rows]
+        one_by_one = [row for row in one_by_one if any(label != -100 for label in row["labels"])]
+        kept, _ = tokenize_split(encoder, rows, max_length, "completion")
+        assert kept == one_by_one and any(row["truncated"] for row in kept)

@@ -1,6 +1,6 @@
 """Where a process's wall time goes, sampled: put this directory first on PYTHONPATH and set QLORA_TIMELINE_DIR.
 
-    QLORA_TIMELINE_DIR=/tmp/tl PYTHONPATH=bench/timeline:$PYTHONPATH dvc repro     # (bench/gpu_pipeline.py --timeline)
+    QLORA_TIMELINE_DIR=/tmp/tl PYTHONPATH=$PWD/bench/timeline${PYTHONPATH:+:$PYTHONPATH} dvc repro   # gpu_pipeline.py --timeline
 
 Every Python process started so (DVC and each stage it runs) samples its main thread's stack every 10 ms from a
 thread of its own, and when it ends (normally, or through os._exit as the stages do) writes
@@ -91,8 +91,11 @@ def _write(sampler: _Sampler, started: float) -> None:
     segments = [[label, round(first - started, 3), round(last - first + INTERVAL_S, 3)]
                 for label, first, last in list(sampler.segments)]
     record = {"argv": sys.argv, "pid": os.getpid(), "started": started, "ended": ended, "segments": segments}
-    with open(os.path.join(os.environ["QLORA_TIMELINE_DIR"], f"{os.getpid()}.json"), "w") as fh:
-        json.dump(record, fh)
+    try:
+        with open(os.path.join(os.environ["QLORA_TIMELINE_DIR"], f"{os.getpid()}.json"), "w") as fh:
+            json.dump(record, fh)
+    except OSError as exc:   # a measurement that cannot be written must not change how the process ends
+        print(f"timeline: not written ({exc})", file=sys.stderr)
 
 
 def _install() -> None:
@@ -103,8 +106,10 @@ def _install() -> None:
     exit_now = os._exit
 
     def _exit(status):   # the stages end with os._exit (entry.end_process): write first
-        _write(sampler, started)
-        exit_now(status)
+        try:
+            _write(sampler, started)
+        finally:
+            exit_now(status)
 
     os._exit = _exit
 
@@ -112,12 +117,13 @@ def _install() -> None:
 def _chain() -> None:
     """Run the sitecustomize this one shadows, if the environment has one."""
     import importlib.machinery
+    import importlib.util
 
     here = os.path.dirname(os.path.abspath(__file__))
     path = [p for p in sys.path if os.path.abspath(p or ".") != here]
     spec = importlib.machinery.PathFinder.find_spec("sitecustomize", path)
     if spec is not None and spec.loader is not None:
-        exec(compile(spec.loader.get_source("sitecustomize"), spec.origin, "exec"), {"__name__": "sitecustomize"})
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
 
 
 if os.environ.get("QLORA_TIMELINE_DIR"):

@@ -70,21 +70,20 @@ def answer_loss(model, rows: Sequence[Mapping[str, list[int]]], pad_token_id: in
     return {"loss": round(loss, 6), "perplexity": round(math.exp(min(loss, 50)), 4), "answer_tokens": count}
 
 
-def generate_answers(model, tokenizer, prompts: list[str], batch_size: int, max_new_tokens: int, device: str) -> list[str]:
-    """Greedy answers, cut at EOS; prompts are left-padded so every answer starts at the same column. On a GPU each
-    token is replayed from a CUDA graph (decoding.py)."""
-    import torch
-
+def generate_answers(model, tokenizer, prompts: list[str], batch_size: int, max_new_tokens: int, device: str,
+                     static: bool) -> list[str]:
+    """Greedy answers, cut at EOS; prompts are left-padded so every answer starts at the same column. static: each
+    token replayed from a CUDA graph over a static cache (decoding.decoding_method says where), else transformers'
+    generate."""
     from qlora_pipeline.decoding import greedy_generate
 
     tokenizer.padding_side = "left"
     answers = []
-    with torch.no_grad():
-        for start in range(0, len(prompts), batch_size):
-            batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            new_tokens = greedy_generate(model, batch["input_ids"], batch["attention_mask"], max_new_tokens,
-                                         tokenizer.eos_token_id, tokenizer.pad_token_id)
-            answers += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    for start in range(0, len(prompts), batch_size):
+        batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        new_tokens = greedy_generate(model, batch["input_ids"], batch["attention_mask"], max_new_tokens,
+                                     tokenizer.eos_token_id, tokenizer.pad_token_id, static)
+        answers += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
     return answers
 
 
@@ -109,9 +108,13 @@ MODELS = ("base", "trained", "merged")
 
 def score_model(model, tokenizer, tokenized_eval, formatted_eval: list[dict], batch_size: int, max_new_tokens: int,
                 generate_rows: int, device: str) -> tuple[dict[str, Any], list[str]]:
+    from qlora_pipeline.decoding import decoding_method
+
     metrics = answer_loss(model, tokenized_eval, tokenizer.pad_token_id, batch_size, device)
     rows = formatted_eval[:generate_rows]
-    predictions = generate_answers(model, tokenizer, [r["prompt"] for r in rows], batch_size, max_new_tokens, device)
+    static, metrics["decoding"] = decoding_method(model, device)
+    predictions = generate_answers(model, tokenizer, [r["prompt"] for r in rows], batch_size, max_new_tokens, device,
+                                   static)
     if rows and all("task" in r for r in rows):
         metrics.update(accuracy(predictions, [r["completion"] for r in rows], [r["task"] for r in rows]))
     return metrics, predictions

@@ -64,6 +64,7 @@ def load_for_generation(model_dir: Path, project: Path):
 
 
 def main(args: argparse.Namespace) -> None:
+    from qlora_pipeline.decoding import decoding_method
     from qlora_pipeline.evaluation import generate_answers
     from qlora_pipeline.prompts import build_prompt
 
@@ -71,7 +72,8 @@ def main(args: argparse.Namespace) -> None:
     template = trained_template(project)
     model, tokenizer, device = load_for_generation(project / args.model, project)
     prompt = build_prompt(template, args.instruction, args.input)
-    answer = generate_answers(model, tokenizer, [prompt], 1, args.max_new_tokens, device)[0]
+    answer = generate_answers(model, tokenizer, [prompt], 1, args.max_new_tokens, device,
+                              decoding_method(model, device)[0])[0]
     if args.show_prompt:
         print(prompt, end="")
     print(answer.strip())

@@ -27,8 +27,10 @@ IGNORE_INDEX = -100  # label value that the loss skips
 # A text whose first tokens cannot be had from a cut of it (below) is tokenized whole up to this many
 # characters (about 2 s and 200 MB) and refused beyond (a 20 MB row took 51 s and 4.1 GB).
 MAX_UNCUT_CHARS = 1_000_000
-# Rows whose texts tokenize_split has tokenized in one call (encode_short) before it builds them.
-_ENCODE_ROWS = 1024
+# tokenize_split tokenizes the texts of this many rows in one call (encode_short), those of at most
+# _ENCODE_CHARS characters: a call's encodings (ids, offsets, token strings) stay in the tens of MB.
+_ENCODE_ROWS = 256
+_ENCODE_CHARS = 32_768
 
 
 class Encoder(NamedTuple):
@@ -103,7 +105,7 @@ def leading_ids(core, text: str, count: int, token_chars: int, where: str,
     metaspace pre-tokenizers of GPT-2, Llama and the like) and tokenizes each word on its own. When the
     tokens before that last word are fewer than `count` (one enormous word, or a tokenizer that does not
     split text), the text is tokenized whole, up to MAX_UNCUT_CHARS characters, and refused beyond.
-    `encoded`: texts already tokenized whole (encode_short), whose first tokens are the cut's by the same rule.
+    `encoded`: short texts tokenized already (encode_short), whose first tokens are the cut's by the same rule.
     """
     if encoded is not None and text in encoded:
         ids = encoded[text]
@@ -125,12 +127,14 @@ def leading_ids(core, text: str, count: int, token_chars: int, where: str,
     return ids[:count], len(ids) > count
 
 
-def encode_short(core, texts: list[str], max_chars: int) -> dict[str, list[int]]:
-    """The token ids of each of `texts` of at most `max_chars` characters, tokenized whole in one call that the
-    tokenizers library spreads over the cores (one text at a time, the tokenize stage's 985 rows of the Alpaca
-    sample took 0.7 s of a GPU host's 2.3 s, bench/NOTES.md)."""
+def encode_short(core, texts: list[str], max_chars: int, max_tokens: int) -> dict[str, list[int]]:
+    """The first max_tokens + 1 token ids of each of `texts` of at most `max_chars` characters, tokenized whole in
+    one call that the tokenizers library spreads over the cores (one text at a time, the tokenize stage's 985 rows
+    of the Alpaca sample took 0.7 s of a GPU host's 2.3 s, bench/NOTES.md). leading_ids(..., count <= max_tokens)
+    of such a text is the first `count` of them, and whether there are more."""
     short = [text for text in dict.fromkeys(texts) if len(text) <= max_chars]
-    return dict(zip(short, (encoding.ids for encoding in core.encode_batch(short, add_special_tokens=False))))
+    encodings = core.encode_batch(short, add_special_tokens=False)
+    return {text: encoding.ids[: max_tokens + 1] for text, encoding in zip(short, encodings)}
 
 
 def tokenize_row(encoder: Encoder, prompt: str, completion: str, max_length: int, train_on: str,
@@ -168,9 +172,12 @@ def read_split(split_dir: str | Path) -> list[dict[str, Any]]:
     import pyarrow as pa
 
     split_dir = Path(split_dir)
-    state = json.loads((split_dir / "state.json").read_text())
-    tables = [pa.ipc.open_stream(pa.memory_map(str(split_dir / file["filename"]))).read_all()
-              for file in state["_data_files"]]
+    try:
+        files = [split_dir / file["filename"] for file in json.loads((split_dir / "state.json").read_text())["_data_files"]]
+        tables = [pa.ipc.open_stream(pa.memory_map(str(file))).read_all() for file in files]
+    except (OSError, ValueError, KeyError, TypeError, pa.ArrowException) as exc:
+        raise PipelineError(f"{split_dir}: not a tokenized split the tokenize stage wrote ({type(exc).__name__}: "
+                            f"{exc}); rerun dvc repro tokenize") from None
     return pa.concat_tables(tables).to_pylist()
 
 
@@ -218,7 +225,7 @@ def tokenize_split(encoder: Encoder, rows: list[dict], max_length: int, train_on
         if index % _ENCODE_ROWS == 0:   # the next rows' texts at once; no more than that many held as encodings
             chunk = rows[index : index + _ENCODE_ROWS]
             encoded = encode_short(encoder.core, [r[key] for r in chunk for key in ("prompt", "completion")],
-                                   max_length * token_chars)
+                                   min(max_length * token_chars, _ENCODE_CHARS), max_length)
         item = tokenize_row(encoder, row["prompt"], row["completion"], max_length, train_on, token_chars,
                             f"{where} row {index + 1}", encoded)
         if all(label == IGNORE_INDEX for label in item["labels"]):
