@@ -41,3 +41,29 @@ def test_embedded_model_in_4bit_with_auto_lora_targets(smollm2_dir):
     per_layer = 8 * ((576 + 576) + (576 + 192) * 2 + (576 + 576) + (576 + 1536) * 3)
     assert figures["lora_trainable_params"] == 30 * per_layer == 2_442_240
     assert figures["params_total"] == 134_515_008
+
+
+def test_static_decoding_of_the_real_model_is_generates(smollm2_dir):
+    """The static-cache steps evaluate replays from a CUDA graph on a GPU, run eagerly on the real model in float32:
+    generate's tokens for left-padded instructions of different lengths, rows stopping at EOS at different steps."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qlora_pipeline.decoding import _StaticDecoder
+    from qlora_pipeline.prompts import build_prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, use_safetensors=True, dtype=torch.float32).eval()
+    instructions = ["Name the capital of France.", "Add the two numbers.", "Write one word.",
+                    "List three colours, separated by commas, and say nothing else at all."]
+    batch = tokenizer([build_prompt("alpaca", text, "12 + 30" if "Add" in text else "") for text in instructions],
+                      return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        expected = model.generate(**batch, max_new_tokens=24, do_sample=False, num_beams=1,
+                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        expected = expected[:, batch["input_ids"].shape[1]:]
+        static = _StaticDecoder(model, batch["input_ids"], batch["attention_mask"], 24, tokenizer.eos_token_id,
+                                tokenizer.pad_token_id).run(graphed=False)
+    assert torch.equal(static, expected)
+    assert (expected == tokenizer.eos_token_id).any(1).sum() >= 2   # rows that ended with EOS before 24 tokens
