@@ -222,14 +222,16 @@ def stage_timeline(record: dict, mark: float, next_mark: float) -> dict:
             imports[label[7:]] = imports.get(label[7:], 0.0) + seconds
         else:
             part, _, running = label.rpartition(" > ") if " > " in label else (label, "", label)
-            parts.setdefault(part, {})[running] = parts.setdefault(part, {}).get(running, 0.0) + seconds
-    by_total = sorted(parts.items(), key=lambda kv: -sum(kv[1].values()))
+            by_running = parts.setdefault(part, {})
+            by_running[running] = by_running.get(running, 0.0) + seconds
+    totals = {part: sum(by_running.values()) for part, by_running in parts.items()}
+    largest = sorted(parts, key=totals.get, reverse=True)
     return {"dvc_before_s": round(record["started"] - mark, 2), "process_s": round(record["ended"] - record["started"], 2),
             "dvc_after_s": round(next_mark - record["ended"], 2), "imports_s": round(sum(imports.values()), 2),
             "imports_by_package": {k: round(v, 2) for k, v in sorted(imports.items(), key=lambda kv: -kv[1]) if v >= 0.05},
-            "seconds": {part: round(sum(running.values()), 2) for part, running in by_total if sum(running.values()) >= 0.05},
-            "running": {part: {k: round(v, 2) for k, v in sorted(running.items(), key=lambda kv: -kv[1])[:4] if v >= 0.05}
-                        for part, running in by_total[:8]}}
+            "seconds": {part: round(totals[part], 2) for part in largest if totals[part] >= 0.05},
+            "running": {part: {k: round(v, 2) for k, v in sorted(parts[part].items(), key=lambda kv: -kv[1])[:4] if v >= 0.05}
+                        for part in largest[:8]}}
 
 
 def gpu_name() -> str:

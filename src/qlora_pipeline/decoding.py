@@ -59,8 +59,9 @@ def static_decoding_unsupported(model, device: str) -> str | None:
         return f"rope_type {rope_type}"
     greedy = copy.deepcopy(base.generation_config)
     greedy.update(do_sample=False, num_beams=1)
-    if greedy.get_generation_mode() != GenerationMode.GREEDY_SEARCH:   # constraints, contrastive, assisted, ...
-        return f"its generation_config asks for {greedy.get_generation_mode().value}"
+    mode = greedy.get_generation_mode()
+    if mode != GenerationMode.GREEDY_SEARCH:   # constraints, contrastive, assisted, ...
+        return f"its generation_config asks for {mode.value}"
     default = GenerationConfig()
     for name in _PROCESSORS:
         if getattr(base.generation_config, name, None) != getattr(default, name, None):
