@@ -48,8 +48,8 @@ class _Model:
 @pytest.mark.parametrize("architecture", ["tiny-gpt2", "tiny-llama"])
 def test_graphed_passes_match_eager_passes(tmp_path, architecture):
     """Six steps over batches of several lengths (a capture per padded length, then replays): the same loss and
-    gradient norm at every step as eager passes, up to bfloat16 rounding; and so for peft's own LoRA modules
-    against the fused layers (which save their inputs in bfloat16)."""
+    gradient norm at every step as eager passes, and the same held-out loss at every evaluation, up to bfloat16
+    rounding; and so for peft's own LoRA modules against the fused layers (which save their inputs in bfloat16)."""
     from qlora_pipeline.config import ModelParams
 
     model_dir = tmp_path / "model"
@@ -65,7 +65,7 @@ def test_graphed_passes_match_eager_passes(tmp_path, architecture):
             micro = 4 if name.endswith("passes") else "auto"
             params = params_for(cuda_graphs=graphs, pad_to_multiple_of=16, optim="adamw_torch", packing=packing,
                                 micro_batch_size=micro, gradient_checkpointing=False, dequantized_cache_mb=0,
-                                fused_layers=name != "peft-modules")
+                                fused_layers=name != "peft-modules", eval_every_steps=2)
             runs[name] = train(model_dir, tmp_path / "tokenized", tmp_path / f"{name}-{packing}", params.quantize,
                                params.lora, params.train, params.seed)
         eager = runs["eager"]
@@ -79,3 +79,8 @@ def test_graphed_passes_match_eager_passes(tmp_path, architecture):
             for a, b in zip(eager[1], graphed[1], strict=True):
                 assert b["loss"] == pytest.approx(a["loss"], rel=2e-2), (packing, name)
                 assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=5e-2), (packing, name)
+            # The held-out loss at steps 2, 4 and 6: graphed, the first held-out pass runs eagerly, every later one
+            # replays a forward-only graph of its shape (eval mode, no gradients).
+            assert [row["step"] for row in graphed[2]] == [row["step"] for row in eager[2]] == [2, 4, 6]
+            for a, b in zip(eager[2], graphed[2], strict=True):
+                assert b["loss"] == pytest.approx(a["loss"], rel=2e-2), (packing, name)

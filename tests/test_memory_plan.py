@@ -104,3 +104,20 @@ def test_model_size_reads_shapes_without_weights(tiny_model_dir):
     # tiny-gpt2: c_attn 64x192, c_proj 64x64, c_fc 64x256, mlp c_proj 256x64 per layer; LoRA r 8 on each
     assert size.linear_params == 2 * (64 * 192 + 64 * 64 + 64 * 256 + 256 * 64)
     assert size.lora_params == 2 * 8 * ((64 + 192) + (64 + 64) + (64 + 256) + (256 + 64))
+
+
+def test_graphed_padded_plans_count_the_passes_they_run_by_length():
+    """A padded plan replayed from graphs runs each step by length (packing.sorted_passes): a step that fits one
+    pass takes two, which passes_per_step reports; falling back to eager passes counts them in the data's order."""
+    from qlora_pipeline.memory_plan import mean_passes
+
+    lengths = [100, 300, 200, 50] * 10
+    assert mean_passes(lengths, 10, 10_000, 10, False) == 1
+    assert mean_passes(lengths, 10, 10_000, 10, False, by_length=True) == 2
+    assert mean_passes(lengths, 10, 10_000, 10, True, by_length=True) == 1   # packed: not by length
+    p = params(batch_size=2, grad_accum=5)
+    graphed = plan_step(LLAMA_8B, p.train, p.quantize, 10, ROWS, False, 130 * GIB, False, graphs_allowed=True)
+    assert graphed.cuda_graphs and graphed.rows_per_pass == 10 and graphed.passes_per_step == 2
+    eager = fallback(graphed, LLAMA_8B, 10, ROWS, False)
+    assert not eager.cuda_graphs and eager.tokens_per_pass == graphed.tokens_per_pass
+    assert eager.passes_per_step == round(mean_passes(ROWS, 10, eager.tokens_per_pass, 10, False), 2) == 1.85

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from qlora_pipeline.config import LoraParams, ModelParams, QuantizeParams
-from qlora_pipeline.packing import pack, use_packed_attention
+from qlora_pipeline.packing import pack, sorted_passes, use_packed_attention
 from qlora_pipeline.quantization import load_model, lora_config, resolve_target_modules
 from qlora_pipeline.sources import fetch_model
 
@@ -83,3 +83,33 @@ def test_pack_masks_each_rows_first_label_and_restarts_positions():
     assert batch["labels"].tolist() == [[-100, 6, 7, -100, 9, -100, -100, -100]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2]]
     assert batch["cu_seq_lens_q"].tolist() == [0, 3, 5, 8] and batch["max_length_q"] == 3
+
+
+def test_sorted_passes_run_a_step_shortest_rows_first_and_a_one_pass_step_as_two():
+    inf = float("inf")
+    assert sorted_passes([30, 10, 20, 40], inf, 10) == ([1, 2, 0, 3], [2, 2])
+    assert sorted_passes([5, 1, 3], inf, 10) == ([1, 2, 0], [1, 2])
+    assert sorted_passes([7], inf, 10) == ([0], [1])
+    # Split by the bounds already (the longest row times the rows, at most 200 tokens): not halved again.
+    assert sorted_passes([100, 10, 90, 20], 200, 10) == ([1, 3, 2, 0], [2, 2])
+    assert sorted_passes([100, 10, 90, 20, 15], inf, 2) == ([1, 4, 3, 2, 0], [2, 2, 1])
+
+
+def test_collator_by_length_computes_fewer_pads_for_the_same_rows_and_targets():
+    """The same step collated in order and by length: the same rows, real and trained tokens (the loss and its
+    normalization), fewer computed tokens."""
+    from qlora_pipeline.trainer import PASSES, TokenCountingCollator
+
+    step = rows(False) * 2   # lengths 7, 19, 3, 12 twice
+    counts, row_sets = {}, {}
+    for by_length in (False, True):
+        collator = TokenCountingCollator(0, by_length=by_length)
+        batch = collator(step)
+        collator.count_next()
+        counts[by_length] = (collator.real_tokens, collator.trained_tokens, collator.padded_tokens, collator.passes)
+        row_sets[by_length] = sorted(tuple(row[mask].tolist()) for p in batch[PASSES]
+                                     for row, mask in zip(p["input_ids"], p["attention_mask"].bool()))
+        assert (batch["labels"][:, 1:] != -100).sum() == collator.trained_tokens
+    assert row_sets[True] == row_sets[False] == sorted(tuple(r["input_ids"]) for r in step)
+    assert counts[False] == (82, 44, 8 * 19, 1)
+    assert counts[True] == (82, 44, 4 * 7 + 4 * 19, 2)   # 3, 3, 7, 7 | 12, 12, 19, 19

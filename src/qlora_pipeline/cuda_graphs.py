@@ -14,6 +14,10 @@ and divided by the step's trained tokens, as SFTTrainer computes it) and so the 
 Each new shape is captured once (about one eager pass of CPU time); train.pad_to_multiple_of keeps the
 number of shapes small. Dropout stays random: the graph draws fresh random numbers at every replay.
 Checkpointed layers are not captured: their recomputation reads the RNG state on the host.
+
+The held-out passes of the evaluations during training replay graphs of their own: the forward and the loss
+only, captured with the model in eval mode (no dropout) and without gradients. Eager, each held-out pass made
+the CPU wait for the GPU four times (transformers' padding-mask checks, trl's gather of trained positions).
 """
 
 from __future__ import annotations
@@ -69,8 +73,9 @@ class GraphedTrainingPass:
         self.compute_dtype = compute_dtype
         self.pool = None
         self.stream = torch.cuda.Stream()
-        self.graphs: dict[tuple, _Captured] = {}
+        self.graphs: dict[tuple, _Captured] = {}   # (pass kind, shapes) -> its graph
         self.warmed_up = False
+        self.held_out_warmed_up = False
         self.capture_seconds = 0.0
 
     def loss(self, input_ids, labels, num_items, boundaries):
@@ -114,23 +119,47 @@ class GraphedTrainingPass:
             # The eager pass's cached blocks go back to the GPU, so that the graphs' pool can take that memory.
             torch.cuda.empty_cache()
         else:
-            key = (tuple(input_ids.shape), *(tuple(v.shape) for v in boundaries.values() if hasattr(v, "shape")))
-            captured = self.graphs.get(key)
-            if captured is None:
-                captured = self.graphs[key] = self._capture(input_ids, boundaries)
-            captured.input_ids.copy_(input_ids)
-            captured.labels.copy_(labels)
-            captured.num_items.copy_(torch.as_tensor(num_items))
-            for name, value in boundaries.items():
-                if hasattr(value, "copy_"):
-                    captured.boundaries[name].copy_(value)
-            captured.graph.replay()
-            loss = captured.loss.detach().clone()
+            loss = self._replay("train", input_ids, labels, num_items, boundaries)
         for param, grad in zip(self.params, self.grads):
             param.grad = grad
         return loss
 
-    def _capture(self, example_ids, example_boundaries) -> _Captured:
+    def held_out(self, input_ids, labels, boundaries: dict | None = None):
+        """-(sum of the trained tokens' log-probabilities) of a held-out pass (the model in eval mode, no gradients)."""
+        import torch
+
+        boundaries = _static_boundaries(boundaries or {}, input_ids.shape[1])
+        if not self.held_out_warmed_up:
+            # Eval mode runs kernels training did not (attention without dropout): the first pass runs them
+            # eagerly, on the capture stream, before any is captured.
+            self.stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.stream), torch.no_grad():
+                loss = self.loss(input_ids, labels, torch.ones((), dtype=torch.int64, device=input_ids.device), boundaries)
+            torch.cuda.current_stream().wait_stream(self.stream)
+            self.held_out_warmed_up = True
+            return loss
+        return self._replay("held-out", input_ids, labels, 1, boundaries)
+
+    def _replay(self, kind: str, input_ids, labels, num_items, boundaries: dict):
+        """Copy the pass's inputs into the graph of its kind and shape (captured first if new), replay it; its loss."""
+        import torch
+
+        key = (kind, tuple(input_ids.shape), *(tuple(v.shape) for v in boundaries.values() if hasattr(v, "shape")))
+        captured = self.graphs.get(key)
+        if captured is None:
+            captured = self.graphs[key] = self._capture(input_ids, boundaries, backward=kind == "train")
+        captured.input_ids.copy_(input_ids)
+        captured.labels.copy_(labels)
+        captured.num_items.copy_(torch.as_tensor(num_items))
+        for name, value in boundaries.items():
+            if hasattr(value, "copy_"):
+                captured.boundaries[name].copy_(value)
+        captured.graph.replay()
+        return captured.loss.detach().clone()
+
+    def _capture(self, example_ids, example_boundaries, backward: bool) -> _Captured:
+        import contextlib
+
         import torch
 
         start = time.perf_counter()
@@ -142,9 +171,11 @@ class GraphedTrainingPass:
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         self.stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
+        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream), \
+                (contextlib.nullcontext() if backward else torch.no_grad()):
             loss = self.loss(input_ids, labels, num_items, boundaries)
-            self._backward_into_buffers(loss)
+            if backward:
+                self._backward_into_buffers(loss)
         torch.cuda.current_stream().wait_stream(self.stream)
         self.capture_seconds += time.perf_counter() - start
         return _Captured(graph, input_ids, labels, num_items, boundaries, loss)

@@ -144,11 +144,12 @@ def evaluate(base_dir: Path, adapter_dir: Path, merged_dir: Path, tokenized_eval
              quantize: QuantizeParams, batch_size: int, max_new_tokens: int, generate_rows: int, device: str) -> tuple[dict[str, Any], list[dict]]:
     """Metrics of the base, trained and merged model, and the sample rows (prompt, reference, each model's answer)."""
     from qlora_pipeline.merging import free_memory
-    from qlora_pipeline.quantization import resolve_compute_dtype
+    from qlora_pipeline.quantization import keep_living_objects, resolve_compute_dtype
 
     dtype = inference_dtype(device)
     use_inference_attention(device)
     tokenized = read_split(tokenized_eval_dir)
+    keep_living_objects()
     results, answers = {}, {}
     for label, load in load_models(base_dir, adapter_dir, merged_dir, quantize, device, dtype).items():
         model, tokenizer = load()

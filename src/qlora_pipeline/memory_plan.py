@@ -176,15 +176,18 @@ def longest_pass_tokens(row_lengths: list[int], rows_per_pass: int, packing: boo
 
 
 def mean_passes(row_lengths: list[int], rows_per_step: int, max_tokens: float, max_rows: int, packing: bool,
-                seed: int = 0) -> float:
-    """Passes an optimizer step takes on average under these bounds: the data's steps of one shuffled epoch."""
+                seed: int = 0, by_length: bool = False) -> float:
+    """Passes an optimizer step takes on average under these bounds: the data's steps of one shuffled epoch.
+    by_length: padded passes as packing.sorted_passes makes them (graphed runs)."""
     import random
 
-    from qlora_pipeline.packing import split_into_passes
+    from qlora_pipeline.packing import sorted_passes, split_into_passes
 
     order = list(row_lengths)
     random.Random(seed).shuffle(order)
     steps = [order[i:i + rows_per_step] for i in range(0, len(order), rows_per_step)]
+    if by_length and not packing:
+        return sum(len(sorted_passes(step, max_tokens, max_rows)[1]) for step in steps) / max(len(steps), 1)
     return sum(len(split_into_passes(step, max_tokens, max_rows, packing)) for step in steps) / max(len(steps), 1)
 
 
@@ -272,7 +275,11 @@ def plan_step(size: ModelSize, params: TrainParams, quantize: QuantizeParams, ro
             f"smallest execution of this model and data needs{sharded} (the longest row, {longest_row:,} tokens, "
             f"alone in a pass, {checkpointing}); give it more, or shorten tokenize.max_length"
         )
-    return min(candidates, key=lambda plan: (round(plan.step_s, 4), plan.peak_mb))
+    best = min(candidates, key=lambda plan: (round(plan.step_s, 4), plan.peak_mb))
+    if best.cuda_graphs and not packing:   # graphed padded passes run by length (packing.sorted_passes)
+        best = replace(best, passes_per_step=round(mean_passes(
+            row_lengths, rows_per_process, best.tokens_per_pass, best.rows_per_pass, packing, by_length=True), 2))
+    return best
 
 
 def _cache_mb(size: ModelSize, quantize: QuantizeParams, params: TrainParams, spare: float) -> float:
@@ -288,8 +295,9 @@ def _cache_mb(size: ModelSize, quantize: QuantizeParams, params: TrainParams, sp
 def fallback(plan: Plan, size: ModelSize, rows_per_process: int, row_lengths: list[int], packing: bool) -> Plan | None:
     """The next smaller plan after an out-of-memory error: no cache and no graphs first, then every layer
     checkpointed, then half the tokens a pass (down to the longest row); None when there is none."""
-    if plan.dequantized_cache_mb or plan.cuda_graphs:
-        return replace(plan, dequantized_cache_mb=0.0, cuda_graphs=False)
+    if plan.dequantized_cache_mb or plan.cuda_graphs:   # eager passes: in the data's order (not by length)
+        return replace(plan, dequantized_cache_mb=0.0, cuda_graphs=False, passes_per_step=round(
+            mean_passes(row_lengths, rows_per_process, plan.tokens_per_pass, plan.rows_per_pass, packing), 2))
     if plan.checkpointed_layers < size.layers:
         return replace(plan, checkpointed_layers=size.layers)
     longest_row = max(row_lengths)

@@ -164,8 +164,9 @@ def merge(model_dir: Path, adapter_dir: Path, formatted_eval: Path, out_dir: Pat
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from qlora_pipeline.errors import PipelineError
-    from qlora_pipeline.quantization import resolve_compute_dtype
+    from qlora_pipeline.quantization import keep_living_objects, resolve_compute_dtype
 
+    keep_living_objects()
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
     rows = read_jsonl(formatted_eval)[: params.compare_prompts]
     batches = [tokenizer(row["prompt"] + row["completion"], return_tensors="pt") for row in rows]

@@ -70,6 +70,21 @@ def split_into_passes(lengths: list[int], max_tokens: float, max_rows: int, pack
     return sizes + [count] if count else sizes
 
 
+def sorted_passes(lengths: list[int], max_tokens: float, max_rows: int) -> tuple[list[int], list[int]]:
+    """Padded passes of a step with less padding: the order to run its rows in (shortest first) and the rows of
+    each pass, bounded as split_into_passes bounds them; a step that fits one pass runs as two halves.
+
+    Why: a padded pass computes every row at its longest row's length. Ten random Alpaca rows a step, one pass,
+    1.29 M tokens computed over the tutorial's 267 steps for 0.57 M real ones; two halves by length, 0.90 M. The
+    step's rows, their loss and its normalization (the step's trained tokens) stay the same. Worth it where a pass
+    costs little to launch (CUDA graphs: one launch a pass) and the GPU's work is what a step waits for."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    sizes = split_into_passes([lengths[i] for i in order], max_tokens, max_rows, packing=False)
+    if len(sizes) == 1 and sizes[0] > 1:
+        sizes = [sizes[0] // 2, sizes[0] - sizes[0] // 2]
+    return order, sizes
+
+
 def supports_packing(model) -> str | None:
     """Why packed passes cannot reproduce this model's padded passes, or None when they can."""
     config = model.config.get_text_config()

@@ -36,7 +36,8 @@ class TokenCountingCollator:
     can then record exactly. Trained tokens are the targets of the shifted loss (`labels[:, 1:]`)."""
 
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 1, packing: bool = False, split: bool = True,
-                 max_tokens_per_pass: float = float("inf"), max_rows_per_pass: int = 2**31, segments: int | None = None):
+                 max_tokens_per_pass: float = float("inf"), max_rows_per_pass: int = 2**31, segments: int | None = None,
+                 by_length: bool = False):
         from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
         self.pad_token_id = pad_token_id
@@ -46,6 +47,7 @@ class TokenCountingCollator:
         self.max_tokens_per_pass = max_tokens_per_pass
         self.max_rows_per_pass = max_rows_per_pass
         self.segments = segments
+        self.by_length = by_length   # padded passes: rows shortest first, a one-pass step as two (packing.sorted_passes)
         self.padded = DataCollatorForLanguageModeling(
             pad_token_id=pad_token_id, pad_to_multiple_of=pad_to_multiple_of if pad_to_multiple_of > 1 else None
         )
@@ -65,14 +67,18 @@ class TokenCountingCollator:
     def __call__(self, examples):
         import torch
 
-        from qlora_pipeline.packing import split_into_passes
+        from qlora_pipeline.packing import sorted_passes, split_into_passes
 
         if not self.split:
             passes = [self.one_pass(examples)]
             batch = passes[0]
         else:
-            sizes = split_into_passes([len(e["input_ids"]) for e in examples], self.max_tokens_per_pass,
-                                      self.max_rows_per_pass, self.packing)
+            lengths = [len(e["input_ids"]) for e in examples]
+            if self.by_length and not self.packing:
+                order, sizes = sorted_passes(lengths, self.max_tokens_per_pass, self.max_rows_per_pass)
+                examples = [examples[i] for i in order]
+            else:
+                sizes = split_into_passes(lengths, self.max_tokens_per_pass, self.max_rows_per_pass, self.packing)
             starts = [sum(sizes[:i]) for i in range(len(sizes))]
             passes = [self.one_pass(examples[start:start + size]) for start, size in zip(starts, sizes)]
             # Each pass's labels, one row each: the Trainer counts labels[..., 1:] of every row, i.e. the targets.
@@ -242,6 +248,12 @@ def sft_trainer_class(collator: TokenCountingCollator, token_metrics: bool):
             if PASSES in inputs:   # a held-out batch: the mean over its trained tokens, pass by pass
                 log_probs, tokens = 0, 0
                 for pass_inputs in inputs[PASSES]:
+                    if self.graphed is not None:
+                        boundaries = {key: pass_inputs[key] for key in BOUNDARY_KEYS if key in pass_inputs}
+                        negated = self.graphed.held_out(pass_inputs["input_ids"], pass_inputs["labels"], boundaries)
+                        log_probs = log_probs - negated
+                        tokens = tokens + (pass_inputs["labels"][:, 1:] != -100).sum()
+                        continue
                     outputs = model(**pass_inputs, fused_lm_head=True)
                     log_probs, tokens = log_probs + outputs.log_probs.sum(), tokens + outputs.label_mask.sum()
                 loss = -log_probs / torch.as_tensor(tokens).clamp(min=1)
@@ -304,6 +316,7 @@ def fit(model, tokenizer, train_set, eval_set, params, run, optimizer: str, comp
         max_tokens_per_pass=run.tokens_per_pass if run.sharding == "none" else float("inf"),
         max_rows_per_pass=run.rows_per_pass,
         segments=run.rows_per_step + 1 if run.packing else None,
+        by_length=run.cuda_graphs,   # a graphed pass costs one launch: fewer padded tokens are worth a second one
     )
     run_log = RunLog(collator)
     if resume_from is not None:

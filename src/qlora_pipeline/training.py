@@ -25,8 +25,8 @@ from typing import Any
 from qlora_pipeline import checkpoints, distributed, execution, memory_plan, speedups, trainer
 from qlora_pipeline.config import LoraParams, QuantizeParams, TrainParams, as_dict
 from qlora_pipeline.errors import PipelineError
-from qlora_pipeline.quantization import (host_memory_available, load_model, lora_config, resolve_compute_dtype,
-                                         resolve_device, resolve_target_modules)
+from qlora_pipeline.quantization import (host_memory_available, keep_living_objects, load_model, lora_config,
+                                         resolve_compute_dtype, resolve_device, resolve_target_modules)
 
 # Optimizer steps within which an out-of-memory error makes the stage retry once with a smaller plan.
 FALLBACK_STEPS = 3
@@ -70,6 +70,7 @@ def train(
 
     set_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    keep_living_objects()
     model, targets, dequantized_mb = prepare_model(model_dir, quantize, lora, params, run, device, local_rank, compute_dtype)
     trainable, all_params = model.get_nb_trainable_parameters()
     optimizer = execution.resolve_optimizer(params.optim, device, trainable)
