@@ -150,7 +150,8 @@ class GraphedTrainingPass:
             captured = self.graphs[key] = self._capture(input_ids, boundaries, backward=kind == "train")
         captured.input_ids.copy_(input_ids)
         captured.labels.copy_(labels)
-        captured.num_items.copy_(torch.as_tensor(num_items))
+        if kind == "train":   # a held-out graph divides by the 1 it was captured with: no copy (and no wait) for it
+            captured.num_items.copy_(torch.as_tensor(num_items))
         for name, value in boundaries.items():
             if hasattr(value, "copy_"):
                 captured.boundaries[name].copy_(value)

@@ -144,21 +144,21 @@ def evaluate(base_dir: Path, adapter_dir: Path, merged_dir: Path, tokenized_eval
              quantize: QuantizeParams, batch_size: int, max_new_tokens: int, generate_rows: int, device: str) -> tuple[dict[str, Any], list[dict]]:
     """Metrics of the base, trained and merged model, and the sample rows (prompt, reference, each model's answer)."""
     from qlora_pipeline.merging import free_memory
-    from qlora_pipeline.quantization import keep_living_objects, resolve_compute_dtype
+    from qlora_pipeline.quantization import living_objects_left_out_of_collection, resolve_compute_dtype
 
     dtype = inference_dtype(device)
     use_inference_attention(device)
     tokenized = read_split(tokenized_eval_dir)
-    keep_living_objects()
     results, answers = {}, {}
-    for label, load in load_models(base_dir, adapter_dir, merged_dir, quantize, device, dtype).items():
-        model, tokenizer = load()
-        results[label], answers[label] = score_model(
-            model, tokenizer, tokenized, formatted_eval, batch_size, max_new_tokens, generate_rows, device
-        )
-        # Free this model before the next one loads: never two full-precision models at once.
-        del model
-        free_memory(device)
+    with living_objects_left_out_of_collection():
+        for label, load in load_models(base_dir, adapter_dir, merged_dir, quantize, device, dtype).items():
+            model, tokenizer = load()
+            results[label], answers[label] = score_model(
+                model, tokenizer, tokenized, formatted_eval, batch_size, max_new_tokens, generate_rows, device
+            )
+            # Free this model before the next one loads: never two full-precision models at once.
+            del model
+            free_memory(device)
     samples = [
         {"task": row.get("task"), "prompt": row["prompt"], "reference": row["completion"],
          **{label: answers[label][i] for label in MODELS}}

@@ -164,61 +164,61 @@ def merge(model_dir: Path, adapter_dir: Path, formatted_eval: Path, out_dir: Pat
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from qlora_pipeline.errors import PipelineError
-    from qlora_pipeline.quantization import keep_living_objects, resolve_compute_dtype
+    from qlora_pipeline.quantization import living_objects_left_out_of_collection, resolve_compute_dtype
 
-    keep_living_objects()
-    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
-    rows = read_jsonl(formatted_eval)[: params.compare_prompts]
-    batches = [tokenizer(row["prompt"] + row["completion"], return_tensors="pt") for row in rows]
+    with living_objects_left_out_of_collection():
+        tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+        rows = read_jsonl(formatted_eval)[: params.compare_prompts]
+        batches = [tokenizer(row["prompt"] + row["completion"], return_tensors="pt") for row in rows]
 
-    full_device = full_precision_device(model_dir, device, quantize.load_in_4bit)
-    # On one device, transformers 5 records no device map, so peft (below) does not dispatch the model again.
-    full = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True,
-                                                device_map={"": full_device})
-    as_trained = load_base_as_trained(model_dir, quantize, device, torch.float32)
-    dequantized = fold_trained_weights(as_trained, full) if params.base == "dequantized" else 0
-    trained = PeftModel.from_pretrained(as_trained, adapter_dir).eval()
-    trained_logits = _logits(trained, batches)
-    del trained, as_trained
-    free_memory(device)
-
-    unmerged = PeftModel.from_pretrained(full, adapter_dir).eval()
-    unmerged_logits = _logits(unmerged, batches)
-    merged = unmerged.merge_and_unload().to(getattr(torch, params.dtype))
-    overflow = [name for name, param in merged.named_parameters() if not torch.isfinite(param).all()]
-    if overflow:
-        raise PipelineError(f"params key 'merge.dtype': {params.dtype} cannot hold the merged weight {overflow[0]} "
-                            "(values beyond its range); use bfloat16 or float32")
-    merged.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    del merged, unmerged, full
-    free_memory(full_device)
-
-    # The model as saved, as the evaluate stage and users load it.
-    reloaded = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32, use_safetensors=True,
+        full_device = full_precision_device(model_dir, device, quantize.load_in_4bit)
+        # On one device, transformers 5 records no device map, so peft (below) does not dispatch the model again.
+        full = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True,
                                                     device_map={"": full_device})
-    merged_logits = _logits(reloaded, batches)
-    del reloaded
-    free_memory(full_device)
-    return {
-        "base": params.base,
-        "dtype": params.dtype,
-        "device": device,
-        "full_precision_device": full_device,
-        "dequantized_weights": dequantized,
-        "compare_prompts": len(batches),
-        "max_abs_logit_diff_vs_trained": round(_max_abs_diff(merged_logits, trained_logits), 6),
-        "max_abs_logit_diff_vs_unmerged": round(_max_abs_diff(merged_logits, unmerged_logits), 6),
-        "logit_abs_max": round(max(logits.abs().max().item() for logits in trained_logits), 3),
-        "trained_in_4bit": quantize.load_in_4bit,
-        "trained_compute_dtype": str(resolve_compute_dtype(quantize, device)).removeprefix("torch."),
+        as_trained = load_base_as_trained(model_dir, quantize, device, torch.float32)
+        dequantized = fold_trained_weights(as_trained, full) if params.base == "dequantized" else 0
+        trained = PeftModel.from_pretrained(as_trained, adapter_dir).eval()
+        trained_logits = _logits(trained, batches)
+        del trained, as_trained
+        free_memory(device)
+
+        unmerged = PeftModel.from_pretrained(full, adapter_dir).eval()
+        unmerged_logits = _logits(unmerged, batches)
+        merged = unmerged.merge_and_unload().to(getattr(torch, params.dtype))
+        overflow = [name for name, param in merged.named_parameters() if not torch.isfinite(param).all()]
+        if overflow:
+            raise PipelineError(f"params key 'merge.dtype': {params.dtype} cannot hold the merged weight {overflow[0]} "
+                                "(values beyond its range); use bfloat16 or float32")
+        merged.save_pretrained(out_dir)
+        tokenizer.save_pretrained(out_dir)
+        del merged, unmerged, full
+        free_memory(full_device)
+
+        # The model as saved, as the evaluate stage and users load it.
+        reloaded = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32, use_safetensors=True,
+                                                        device_map={"": full_device})
+        merged_logits = _logits(reloaded, batches)
+        del reloaded
+        free_memory(full_device)
+        return {
+            "base": params.base,
+            "dtype": params.dtype,
+            "device": device,
+            "full_precision_device": full_device,
+            "dequantized_weights": dequantized,
+            "compare_prompts": len(batches),
+            "max_abs_logit_diff_vs_trained": round(_max_abs_diff(merged_logits, trained_logits), 6),
+            "max_abs_logit_diff_vs_unmerged": round(_max_abs_diff(merged_logits, unmerged_logits), 6),
+            "logit_abs_max": round(max(logits.abs().max().item() for logits in trained_logits), 3),
+            "trained_in_4bit": quantize.load_in_4bit,
+            "trained_compute_dtype": str(resolve_compute_dtype(quantize, device)).removeprefix("torch."),
+        }
+
+
+    _BASE_DESCRIPTION = {
+        "dequantized": "the 4-bit NF4 weights it was trained against, dequantized",
+        "original": "the original full-precision weights (not the 4-bit ones it was trained against)",
     }
-
-
-_BASE_DESCRIPTION = {
-    "dequantized": "the 4-bit NF4 weights it was trained against, dequantized",
-    "original": "the original full-precision weights (not the 4-bit ones it was trained against)",
-}
 
 
 def model_card(base_record: dict[str, Any], training_params: dict[str, Any], metrics: dict[str, Any]) -> str:

@@ -12,6 +12,7 @@ and a few hundred MB whatever the model's size (a float32 load of an 8 B model n
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -86,19 +87,25 @@ def bnb_config(quantize: QuantizeParams, compute_dtype, quant_storage=None):
     )
 
 
-def keep_living_objects() -> None:
-    """Collect the garbage, then leave every object still alive out of the collector's later passes (gc.freeze).
+@contextlib.contextmanager
+def living_objects_left_out_of_collection():
+    """Collect the garbage, then, until the block ends, leave every object still alive out of the collector's
+    passes (gc.freeze; gc.unfreeze after).
 
-    Call it before the stage makes its first model. What is alive then, the imported libraries (~380,000 objects
-    with torch, transformers and peft) and the stage's inputs, lives until the process ends, and each full
-    collection after it (free_memory after each model, the Trainer's) went over all of it again: 0.18 s a
-    collection on a 2-core CPU, ~0.2 s on a GPU host; left out, one takes what the model made. Garbage is
-    collected first, so that a process that made models before (a benchmark, a test) does not keep them for good.
-    """
+    Enter it before the stage makes its first model. What is alive then, the imported libraries (~380,000 objects
+    with torch, transformers and peft) and the stage's inputs, lives through the block anyway, and each full
+    collection in it (free_memory after each model, the Trainer's) went over all of it again: 0.18 s a collection
+    on a 2-core CPU, ~0.2 s on a GPU host; left out, one takes what the models made. Garbage is collected first and
+    the objects are given back to the collector after, so that a process that trains or evaluates several times
+    (a benchmark, a test) keeps nothing for good."""
     import gc
 
     gc.collect()
     gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def load_model(model_dir: str | Path, quantize: QuantizeParams, device: str, dtype, quant_storage=None,

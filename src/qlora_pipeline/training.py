@@ -25,8 +25,8 @@ from typing import Any
 from qlora_pipeline import checkpoints, distributed, execution, memory_plan, speedups, trainer
 from qlora_pipeline.config import LoraParams, QuantizeParams, TrainParams, as_dict
 from qlora_pipeline.errors import PipelineError
-from qlora_pipeline.quantization import (host_memory_available, keep_living_objects, load_model, lora_config,
-                                         resolve_compute_dtype, resolve_device, resolve_target_modules)
+from qlora_pipeline.quantization import (host_memory_available, living_objects_left_out_of_collection, load_model,
+                                         lora_config, resolve_compute_dtype, resolve_device, resolve_target_modules)
 
 # Optimizer steps within which an out-of-memory error makes the stage retry once with a smaller plan.
 FALLBACK_STEPS = 3
@@ -70,33 +70,34 @@ def train(
 
     set_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    keep_living_objects()
-    model, targets, dequantized_mb = prepare_model(model_dir, quantize, lora, params, run, device, local_rank, compute_dtype)
-    trainable, all_params = model.get_nb_trainable_parameters()
-    optimizer = execution.resolve_optimizer(params.optim, device, trainable)
-    initial_adapter = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    with living_objects_left_out_of_collection():
+        model, targets, dequantized_mb = prepare_model(model_dir, quantize, lora, params, run, device, local_rank,
+                                                       compute_dtype)
+        trainable, all_params = model.get_nb_trainable_parameters()
+        optimizer = execution.resolve_optimizer(params.optim, device, trainable)
+        initial_adapter = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
 
-    def attempt(run):
-        set_seed(seed)
-        return trainer.fit(model, tokenizer, train_set, eval_set, params, run, optimizer, compute_dtype, device,
-                           num_processes, seed, checkpoint_dir, resume_from)
+        def attempt(run):
+            set_seed(seed)
+            return trainer.fit(model, tokenizer, train_set, eval_set, params, run, optimizer, compute_dtype, device,
+                               num_processes, seed, checkpoint_dir, resume_from)
 
-    start = time.perf_counter()
-    try:
-        result = attempt(run)
-    except torch.OutOfMemoryError as exc:
-        # Retried after the except block, once the failed attempt's frames (and their tensors) are gone.
-        smaller = _smaller_execution(run, exc, params, model_dir, lora, row_lengths)
-        result = None
-    if result is None:
-        run, dequantized_mb = _shrink_to(model, run, smaller, initial_adapter, dequantized_mb)
         start = time.perf_counter()
-        result = attempt(run)
-    seconds = time.perf_counter() - start
-    if rank == 0:
-        trainer.save_adapter(model, tokenizer, adapter_dir, state_dict=result[3])
-    return _metrics(result, run, seconds, dequantized_mb, optimizer, device, compute_dtype, num_processes,
-                    len(train_set), targets, trainable, all_params, params)
+        try:
+            result = attempt(run)
+        except torch.OutOfMemoryError as exc:
+            # Retried after the except block, once the failed attempt's frames (and their tensors) are gone.
+            smaller = _smaller_execution(run, exc, params, model_dir, lora, row_lengths)
+            result = None
+        if result is None:
+            run, dequantized_mb = _shrink_to(model, run, smaller, initial_adapter, dequantized_mb)
+            start = time.perf_counter()
+            result = attempt(run)
+        seconds = time.perf_counter() - start
+        if rank == 0:
+            trainer.save_adapter(model, tokenizer, adapter_dir, state_dict=result[3])
+        return _metrics(result, run, seconds, dequantized_mb, optimizer, device, compute_dtype, num_processes,
+                        len(train_set), targets, trainable, all_params, params)
 
 
 def _refuse_padding_over_context(model_dir, run: execution.Execution, longest_row: int) -> None:
