@@ -215,10 +215,10 @@ def merge(model_dir: Path, adapter_dir: Path, formatted_eval: Path, out_dir: Pat
         }
 
 
-    _BASE_DESCRIPTION = {
-        "dequantized": "the 4-bit NF4 weights it was trained against, dequantized",
-        "original": "the original full-precision weights (not the 4-bit ones it was trained against)",
-    }
+_BASE_DESCRIPTION = {
+    "dequantized": "the 4-bit NF4 weights it was trained against, dequantized",
+    "original": "the original full-precision weights (not the 4-bit ones it was trained against)",
+}
 
 
 def model_card(base_record: dict[str, Any], training_params: dict[str, Any], metrics: dict[str, Any]) -> str:
