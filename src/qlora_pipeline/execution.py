@@ -152,7 +152,9 @@ def cpu_execution(params: TrainParams, rows: int, packing: bool, layers: int, fu
 def gpu_execution(params: TrainParams, plan, rows: int, packing: bool, budget: float, fused_layers: bool,
                   sharding: str = "none") -> Execution:
     reason = f"fastest plan within {budget / 2**30:.1f} GiB: {plan.describe()}"
-    if plan.cuda_graphs and not packing:
+    from qlora_pipeline.packing import runs_by_length
+
+    if runs_by_length(plan.cuda_graphs, packing):
         reason += ", a step's rows by length, a step that fits one pass run as two (fewer padded tokens)"
     if sharding == "fsdp":
         reason += ", FSDP (weights, LoRA gradients and optimizer states sharded over the processes)"

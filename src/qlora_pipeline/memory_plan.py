@@ -279,7 +279,9 @@ def plan_step(size: ModelSize, params: TrainParams, quantize: QuantizeParams, ro
     # Graphed padded passes run by length (packing.sorted_passes): the passes the run will take. The ranking above
     # counts them in the data's order, as step_seconds counts no padding either (a step's fewer padded tokens by
     # length and its second launch are left out of it alike; measured on the GPU instead, bench/NOTES.md).
-    if best.cuda_graphs and not packing:
+    from qlora_pipeline.packing import runs_by_length
+
+    if runs_by_length(best.cuda_graphs, packing):
         best = replace(best, passes_per_step=round(mean_passes(
             row_lengths, rows_per_process, best.tokens_per_pass, best.rows_per_pass, packing, by_length=True), 2))
     return best

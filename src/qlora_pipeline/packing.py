@@ -70,6 +70,13 @@ def split_into_passes(lengths: list[int], max_tokens: float, max_rows: int, pack
     return sizes + [count] if count else sizes
 
 
+def runs_by_length(cuda_graphs: bool, packing: bool) -> bool:
+    """Whether a run's steps execute their rows by length (sorted_passes): padded passes replayed from CUDA graphs,
+    where a second pass costs one launch. Eager, it would cost the pass's ~700 launches; packed, there is no padding
+    to save."""
+    return cuda_graphs and not packing
+
+
 def sorted_passes(lengths: list[int], max_tokens: float, max_rows: int) -> tuple[list[int], list[int]]:
     """Padded passes of a step with less padding: the order to run its rows in (shortest first) and the rows of
     each pass, bounded as split_into_passes bounds them; a step that fits one pass runs as two halves.

@@ -16,7 +16,7 @@ from typing import Any
 
 from qlora_pipeline import checkpoints, distributed
 from qlora_pipeline.execution import summed_over_processes, world
-from qlora_pipeline.packing import BOUNDARY_KEYS
+from qlora_pipeline.packing import BOUNDARY_KEYS, runs_by_length
 
 # The key under which a batch holds the passes that execute it.
 PASSES = "passes"
@@ -47,7 +47,7 @@ class TokenCountingCollator:
         self.max_tokens_per_pass = max_tokens_per_pass
         self.max_rows_per_pass = max_rows_per_pass
         self.segments = segments
-        self.by_length = by_length   # padded passes: rows shortest first, a one-pass step as two (packing.sorted_passes)
+        self.by_length = by_length   # padded passes: rows shortest first, a one-pass step as two (packing.runs_by_length)
         self.padded = DataCollatorForLanguageModeling(
             pad_token_id=pad_token_id, pad_to_multiple_of=pad_to_multiple_of if pad_to_multiple_of > 1 else None
         )
@@ -74,7 +74,7 @@ class TokenCountingCollator:
             batch = passes[0]
         else:
             lengths = [len(e["input_ids"]) for e in examples]
-            if self.by_length and not self.packing:
+            if self.by_length:
                 order, sizes = sorted_passes(lengths, self.max_tokens_per_pass, self.max_rows_per_pass)
                 examples = [examples[i] for i in order]
             else:
@@ -316,7 +316,7 @@ def fit(model, tokenizer, train_set, eval_set, params, run, optimizer: str, comp
         max_tokens_per_pass=run.tokens_per_pass if run.sharding == "none" else float("inf"),
         max_rows_per_pass=run.rows_per_pass,
         segments=run.rows_per_step + 1 if run.packing else None,
-        by_length=run.cuda_graphs,   # a graphed pass costs one launch: fewer padded tokens are worth a second one
+        by_length=runs_by_length(run.cuda_graphs, run.packing),
     )
     run_log = RunLog(collator)
     if resume_from is not None:
